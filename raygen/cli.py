@@ -1,0 +1,62 @@
+"""`raygen <job> ...`: the command line.
+
+A user error (config key or value, path, data set) is one line on stderr and exit code 2;
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from raygen.errors import UserError, find_user_error
+from raygen.jobs import config as config_job
+from raygen.jobs import data as data_job
+from raygen.jobs import demo as demo_job
+from raygen.jobs import tokenize as tokenize_job
+
+JOBS = (demo_job, tokenize_job, data_job, config_job)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (plus where to get help) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"raygen: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="raygen", description="Distributed training of token-based image generators on Ray.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (any position)")
+    sub = p.add_subparsers(dest="job", required=True, metavar="JOB", parser_class=_Parser)
+    for job in JOBS:
+        job.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, before or after the job and its verbs.
+    debug = "--debug" in argv or os.environ.get("RAYGEN_DEBUG") == "1"
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    if not debug:
+        from raygen.platform.cluster import quiet_worker_errors
+
+        quiet_worker_errors()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("raygen: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
+        user = find_user_error(e)
+        if user is None or debug:
+            raise
+        print(f"raygen: error: {user.message}", file=sys.stderr)
+        return UserError.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

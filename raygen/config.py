@@ -1,0 +1,316 @@
+"""One typed config tree: nested dataclasses, YAML presets, `key.sub=value` overrides.
+
+    cfg = load_config(preset="ar-debug", overrides=["train.steps=200", "data.image_size=8"])
+
+Every key is checked: an unknown key names itself, the valid keys at its level and the
+nearest match; a bad value names the key, the value and what is allowed. Derived values
+are filled in once by `resolve()`, never scattered through the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from raygen.errors import ConfigError
+from raygen.models.tokenizers.palette import PaletteConfig
+from raygen.models.tokenizers.vq import VQConfig
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None, factory: Any = None):
+    """A dataclass field with a help text and an optional lower bound."""
+    meta = {"help": help}
+    if min is not None:
+        meta["min"] = min
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    address: str | None = _f(None, help="Ray cluster address; null starts a local instance (RAY_ADDRESS also works)")
+    num_cpus: int | None = _f(None, min=1, help="CPUs of the local instance; null = every CPU of this machine")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["digits", "folder", "parquet"] = _f("digits", help="where images come from")
+    path: str | None = _f(None, help="folder (ImageFolder layout) or Parquet file/directory for those sources")
+    image_size: int | None = _f(
+        None, min=1, help="side in pixels after resize/crop; null = a 16x16 token grid for the tokenizer"
+    )
+    channels: Literal[1, 3] | None = _f(None, help="1 = grayscale, 3 = RGB; null = the source's own (digits: 1)")
+    resize: bool = _f(True, help="resize (shorter side) then centre-crop; false = centre-crop only")
+    on_bad_input: Literal["fail", "skip"] = _f("fail", help="unreadable image: fail naming it, or skip and record it")
+    out: str | None = _f(None, help="shard directory; null = <workdir>/data/<source>-<tokenizer>-<size>")
+    rows_per_shard: int = _f(512, min=1, help="rows per Parquet shard")
+
+
+@dataclass
+class TokenizerConfig:
+    name: Literal["palette", "vq"] = _f("palette", help="which tokenizer")
+    palette: PaletteConfig = _f(help="palette tokenizer options", factory=PaletteConfig)
+    vq: VQConfig = _f(help="VQ tokenizer options (LlamaGen VQ-16 by default)", factory=VQConfig)
+    batch_size: int = _f(64, min=1, help="images per tokenizer call")
+    workers: int | None = _f(None, min=1, help="tokenizer actors; null = one per free CPU (or GPU)")
+    gpus_per_worker: float = _f(0.0, min=0, help="GPUs per tokenizer actor (0 = CPU)")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, help="base seed; per-rank seeds are seed + rank")
+    workdir: str = _f("work", help="where runs, data, the MLflow store and checkpoints go")
+    ray: RayConfig = _f(help="Ray cluster", factory=RayConfig)
+    data: DataConfig = _f(help="image source and shards", factory=DataConfig)
+    tokenizer: TokenizerConfig = _f(help="image tokenizer", factory=TokenizerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """{"data.image_size": 16, ...}: the form MLflow params take."""
+        out: dict[str, Any] = {}
+
+        def walk(d: dict, prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk(self.to_dict(), "")
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Loading, overriding, checking
+# --------------------------------------------------------------------------------------
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in args) + " or null"
+    if origin in (list, tuple):
+        inner = typing.get_args(tp)[0]
+        return f"a list of {_describe(inner)}"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+class _Bad(Exception):
+    pass
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Convert a YAML value to type `tp`, or raise _Bad."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value)
+            except _Bad:
+                pass
+        raise _Bad
+    if origin is Literal:
+        for choice in typing.get_args(tp):
+            if value == choice and type(value) is type(choice):
+                return choice
+            if isinstance(choice, str) and isinstance(value, str) and value.lower() == choice.lower():
+                return choice
+        raise _Bad
+    if origin in (list, tuple):  # list[T] or tuple[T, ...]
+        inner = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise _Bad
+        return origin(_coerce(inner, v) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _Bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Bad
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{near[0]}'?" if near else ""
+
+
+def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    """Apply a nested mapping onto a dataclass instance, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        if key not in fields:
+            valid = sorted(fields)
+            where = prefix.rstrip(".") or "the top level"
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'; valid keys at {where}: {', '.join(valid)}{_suggest(str(key), valid)}"
+            )
+        tp = hints[key]
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(tp):
+            _merge_into(current, value, f"{prefix}{key}.")
+            continue
+        try:
+            new = _coerce(tp, value)
+        except _Bad:
+            raise ConfigError(f"bad value for '{prefix}{key}': {value!r}; allowed: {_describe(tp)}") from None
+        lo = fields[key].metadata.get("min")
+        if lo is not None:
+            vals = new if isinstance(new, list) else [new]
+            for v in vals:
+                if v is not None and v < lo:
+                    raise ConfigError(f"bad value for '{prefix}{key}': {value!r}; allowed: >= {lo}")
+        setattr(obj, key, new)
+    post = getattr(obj, "__post_init__", None)
+    if post is not None:  # a section's own validation (e.g. VQConfig's size rules)
+        try:
+            post()
+        except ValueError as e:
+            raise ConfigError(f"bad value in '{prefix.rstrip('.') or '<root>'}': {e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 0.0003). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and raw.strip().lower() in ("none", "null", "~"):
+        value = None
+    # YAML reads '3e-4' as a string; accept scientific notation for numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_path(preset: str) -> Path:
+    p = Path(preset)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"preset file '{preset}' does not exist")
+        return p
+    named = CONFIG_DIR / f"{preset.lower()}.yaml"
+    if not named.is_file():
+        names = preset_names()
+        raise ConfigError(
+            f"unknown preset '{preset}'; available: {', '.join(names) or '(none)'}{_suggest(preset.lower(), names)}"
+        )
+    return named
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset '{path}' must be a mapping of config keys")
+    return data
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), **flags: Any) -> Config:
+    """Defaults <- preset YAML (which may name a `base:` preset) <- flags <- key=value overrides."""
+    cfg = Config()
+    if preset:
+        chain: list[dict[str, Any]] = []
+        path: Path | None = preset_path(preset)
+        while path is not None:
+            data = _read_yaml(path)
+            base = data.pop("base", None)
+            chain.append(data)
+            path = preset_path(base) if base else None
+            if len(chain) > 10:
+                raise ConfigError(f"preset '{preset}' has a base chain longer than 10 (a cycle?)")
+        for data in reversed(chain):
+            _merge_into(cfg, data, "")
+    for key, value in flags.items():
+        if value is not None:
+            _merge_into(cfg, _nest(key, value), "")
+    for text in overrides:
+        key, value = parse_override(text)
+        _merge_into(cfg, _nest(key, value), "")
+    return cfg
+
+
+def describe_keys(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """[(key, type, default, help)] for every leaf key: the CLI's `raygen config keys`."""
+    obj = obj if obj is not None else Config()
+    hints = typing.get_type_hints(type(obj))
+    rows = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(value, f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", _describe(hints[f.name]), value, f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,1 @@
+"""Thin jobs: parse arguments, resolve the config, make one platform call, say where results went."""

@@ -1,0 +1,24 @@
+"""Arguments every config-driven job shares: --preset, --dry-run, key=value overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from raygen.config import Config, load_config
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="a preset name from raygen/configs/ (see `raygen config --presets`) or a YAML file")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.image_size=8")
+
+
+def resolve(args: argparse.Namespace, **flags) -> Config:
+    return load_config(args.preset, args.overrides, **flags)
+
+
+def print_dry_run(cfg: Config, derived: dict | None = None) -> None:
+    sys.stdout.write(cfg.to_yaml())
+    if derived:
+        sys.stdout.write("# derived\n" + "".join(f"#   {k}: {v}\n" for k, v in derived.items()))

@@ -1,0 +1,38 @@
+"""`raygen tokenize`: images -> tokenized Parquet shards + manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+
+from raygen.jobs.common import add_config_args, print_dry_run, resolve
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tokenize", help="tokenize an image source into Parquet shards")
+    p.add_argument("--source", choices=["digits", "folder", "parquet"], help="= data.source")
+    p.add_argument("--path", help="= data.path (folder or Parquet source)")
+    p.add_argument("--tokenizer", choices=["palette", "vq"], help="= tokenizer.name")
+    p.add_argument("--out", help="= data.out (the shard directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing data set made with other settings")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from raygen.platform.tokenize import plan, tokenize
+
+    cfg = resolve(args, **{"data.source": args.source, "data.path": args.path,
+                           "tokenizer.name": args.tokenizer, "data.out": args.out})
+    if args.dry_run:
+        p = plan(cfg)
+        print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.out": p.out,
+                            "source rows": p.source.rows})
+        return 0
+    r = tokenize(cfg, overwrite=args.overwrite)
+    m = r.manifest
+    state = "already up to date" if r.up_to_date else f"written in {r.seconds:.1f} s"
+    print(f"{m['rows']} rows in {len(m['shards'])} shards ({state}), {len(m['skipped'])} skipped")
+    print(f"grid {m['grid'][0]}x{m['grid'][1]}, vocab {m['vocab_size']}, {m['num_classes']} classes, "
+          f"tokenizer {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}")
+    print(f"shards: {r.out}")
+    return 0

@@ -1,0 +1,114 @@
+"""The tokenizer contract every tokenizer in raygen follows.
+
+A tokenizer is built for one image size and channel count. It maps uint8 images
+(B, H, W, C) to integer ids on a (h, w) grid and back. `spec()` is a small JSON-able
+description (name, config, fitted state) that rebuilds the same tokenizer with
+`raygen.models.tokenizers.from_spec`; `fingerprint()` hashes the spec together with the
+weights, so a data set's manifest pins exactly the tokenizer that produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class Tokenizer(nn.Module, ABC):
+    """Images (B, H, W, C) uint8 <-> token ids (B, h, w) int64."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, image_size: int, channels: int):
+        super().__init__()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if image_size % self.downsample != 0:
+            raise ValueError(
+                f"image_size {image_size} is not a multiple of the {self.name} tokenizer's "
+                f"downsampling factor {self.downsample}"
+            )
+        self.image_size = image_size
+        self.channels = channels
+
+    # --- what a model needs to know -------------------------------------------------
+    @property
+    @abstractmethod
+    def downsample(self) -> int:
+        """Pixels per token along each side."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct token ids; ids lie in [0, vocab_size)."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.downsample
+        return (side, side)
+
+    # --- the two verbs ----------------------------------------------------------------
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) uint8 -> (B, h, w) int64."""
+
+    @abstractmethod
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) integer ids -> (B, H, W, C) uint8."""
+
+    def codebook(self) -> torch.Tensor:
+        """(vocab_size, E) float vectors behind the ids (for clustering)."""
+        raise NotImplementedError(f"the {self.name} tokenizer has no codebook")
+
+    # --- identity ---------------------------------------------------------------------
+    @abstractmethod
+    def config_dict(self) -> dict[str, Any]:
+        """The tokenizer's own config as plain JSON values."""
+
+    def fitted_state(self) -> dict[str, Any]:
+        """State learned from data that the config alone does not determine (JSON)."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image_size": self.image_size,
+            "channels": self.channels,
+            "config": self.config_dict(),
+            "state": self.fitted_state(),
+        }
+
+    def fingerprint(self) -> str:
+        """sha256 over the spec and every tensor of the state dict (16 hex digits)."""
+        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode())
+        for key, value in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # --- helpers for subclasses -------------------------------------------------------
+    def _check_images(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected uint8 images (B, H, W, C), got {images.dtype} {tuple(images.shape)}")
+        _, h, w, c = images.shape
+        if (h, w, c) != (self.image_size, self.image_size, self.channels):
+            raise ValueError(
+                f"expected images of {self.image_size}x{self.image_size}x{self.channels}, got {h}x{w}x{c}"
+            )
+
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid:
+            raise ValueError(f"expected tokens (B, {self.grid[0]}, {self.grid[1]}), got {tuple(tokens.shape)}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
+            raise ValueError(
+                f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,1 @@
+"""Everything that touches ray, deepspeed, mlflow and pyarrow."""

@@ -1,0 +1,201 @@
+"""The tokenize job: image source -> Ray Data (decode tasks, tokenizer actor pool) -> Parquet shards.
+
+    raygen tokenize --source digits --tokenizer palette --out DIR
+
+Decoding and tokenization are distributed; the driver streams the tokenized batches into
+fixed-size shards (so row counts, checksums and the skip list are exact) and moves the
+finished data set into place atomically. Re-running with the same settings is a no-op.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raygen.config import Config, TokenizerConfig
+from raygen.errors import ConfigError, DataError
+from raygen.models.tokenizers import PaletteTokenizer, Tokenizer, from_spec
+from raygen.platform import shards
+from raygen.platform.sources import ImageDecoder, Source, open_source
+
+GRID = 16  # the papers' token grid side; the default image size targets it
+
+
+@dataclass
+class TokenizePlan:
+    source: Source
+    image_size: int
+    channels: int
+    out: Path
+    request: dict[str, Any]
+
+
+@dataclass
+class TokenizeResult:
+    out: Path
+    manifest: dict[str, Any]
+    up_to_date: bool
+    seconds: float
+
+
+def tokenizer_downsample(cfg: TokenizerConfig) -> int:
+    return 1 if cfg.name == "palette" else 2 ** (len(cfg.vq.ch_mult) - 1)
+
+
+def plan(cfg: Config) -> TokenizePlan:
+    """Resolve sizes and the output directory, and list the source (driver only, cheap)."""
+    source = open_source(cfg.data.source, cfg.data.path)
+    channels = cfg.data.channels or source.native_channels
+    down = tokenizer_downsample(cfg.tokenizer)
+    image_size = cfg.data.image_size or GRID * down
+    if image_size % down:
+        raise ConfigError(
+            f"bad value for 'data.image_size': {image_size}; the {cfg.tokenizer.name} tokenizer needs a multiple of {down}"
+        )
+    out = Path(cfg.data.out or Path(cfg.workdir) / "data" / f"{source.name}-{cfg.tokenizer.name}-{image_size}")
+    tok_cfg = cfg.tokenizer.palette if cfg.tokenizer.name == "palette" else cfg.tokenizer.vq
+    request = {
+        "schema_version": shards.SCHEMA_VERSION,
+        "source": {
+            "name": source.name,
+            "path": str(Path(cfg.data.path).resolve()) if cfg.data.path else None,
+            "image_size": image_size,
+            "channels": channels,
+            "resize": cfg.data.resize,
+            "on_bad_input": cfg.data.on_bad_input,
+        },
+        "rows_per_shard": cfg.data.rows_per_shard,
+        "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg)},
+    }
+    return TokenizePlan(source, image_size, channels, out.resolve(), request)
+
+
+def _jsonable(dc: Any) -> dict[str, Any]:
+    import dataclasses
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(dc)))
+
+
+def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Tokenizer:
+    """The palette is fitted on a seeded sample of the source; the VQ comes from its config."""
+    if cfg.tokenizer.name == "vq":
+        from raygen.models.tokenizers.vq import VQTokenizer
+
+        try:
+            return VQTokenizer(cfg.tokenizer.vq, image_size=p.image_size, channels=p.channels)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"tokenizer.vq: {e}") from None
+    pcfg = cfg.tokenizer.palette
+    g = np.random.default_rng(pcfg.seed)
+    n = min(len(p.source.items), pcfg.fit_images)
+    picks = sorted(g.choice(len(p.source.items), size=n, replace=False).tolist())
+    images = []
+    for i in picks:  # decoded here on the driver: a few hundred images at most
+        item = p.source.items[i]
+        out = decoder({k: np.array([v], dtype=object) for k, v in item.items()})
+        images.extend(img for img, err in zip(out["image"], out["error"]) if not err)
+        if len(images) >= pcfg.fit_images:
+            break
+    if not images:
+        raise DataError("cannot fit the palette: every sampled image was unreadable")
+    batch = torch.from_numpy(np.stack(images[: pcfg.fit_images]))
+    return PaletteTokenizer.fit(pcfg, batch, image_size=p.image_size, channels=p.channels)
+
+
+class TokenizeActor:
+    """Ray Data actor: one tokenizer per process, rebuilt from its spec and checked by fingerprint."""
+
+    def __init__(self, spec: dict[str, Any], fingerprint: str, device: str):
+        self.tok = from_spec(spec).to(device)
+        got = self.tok.fingerprint()
+        if got != fingerprint:
+            raise DataError(
+                f"the tokenizer rebuilt on a worker has fingerprint {got}, the driver's is {fingerprint} "
+                "(is the checkpoint file the same on every node?)"
+            )
+        self.n = int(np.prod(self.tok.grid))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        tokens = np.zeros((len(ok), self.n), dtype=np.int32)
+        if ok.any():
+            images = torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"])[ok]))
+            tokens[ok] = self.tok.encode(images).flatten(1).numpy().astype(np.int32)
+        return {"tokens": tokens, "label": batch["label"], "index": batch["index"],
+                "input": batch["input"], "error": batch["error"]}
+
+
+def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> TokenizeResult:
+    import ray
+
+    from raygen.platform.cluster import cluster_cpus, cluster_gpus, init_ray
+
+    t0 = time.time()
+    p = plan(cfg)
+    if shards.prepare_destination(p.out, p.request, overwrite):
+        return TokenizeResult(p.out, shards.read_manifest(p.out), True, time.time() - t0)
+
+    decoder = ImageDecoder(p.source.name, image_size=p.image_size, channels=p.channels,
+                           resize=cfg.data.resize, on_bad_input=cfg.data.on_bad_input)
+    tok = build_tokenizer(cfg, p, decoder)
+    spec, fingerprint = tok.spec(), tok.fingerprint()
+    n_tokens = int(np.prod(tok.grid))
+
+    init_ray(cfg.ray)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same inputs -> byte-identical shards
+    ctx.enable_progress_bars = progress
+    ctx.raise_original_map_exception = True  # a DataError from a decoder reaches the CLI intact
+    use_gpu = cfg.tokenizer.gpus_per_worker > 0
+    if use_gpu and cluster_gpus() == 0:
+        raise ConfigError("tokenizer.gpus_per_worker > 0 but the Ray cluster has no GPUs")
+    workers = cfg.tokenizer.workers or (
+        max(1, int(cluster_gpus() / cfg.tokenizer.gpus_per_worker)) if use_gpu else max(1, cluster_cpus() - 1)
+    )
+    items_per_block = max(1, min(256, len(p.source.items) // (4 * workers) or 1))
+    ds = ray.data.from_items(p.source.items, override_num_blocks=max(1, len(p.source.items) // items_per_block))
+    ds = ds.map_batches(decoder, batch_size=items_per_block, num_cpus=1)
+    ds = ds.map_batches(
+        TokenizeActor,
+        fn_constructor_kwargs={"spec": spec, "fingerprint": fingerprint, "device": "cuda" if use_gpu else "cpu"},
+        batch_size=cfg.tokenizer.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=0 if use_gpu else 1,
+        num_gpus=cfg.tokenizer.gpus_per_worker if use_gpu else 0,
+    )
+
+    writer = shards.ShardWriter(p.out, n_tokens, cfg.data.rows_per_shard)
+    skipped: list[dict[str, str]] = []
+    last_report = time.time()
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
+            skipped += [{"input": str(i), "error": str(e)} for i, e in zip(batch["input"][bad], batch["error"][bad])]
+            writer.add(batch["tokens"][~bad], batch["label"][~bad], batch["index"][~bad])
+            if progress and time.time() - last_report > 10:
+                last_report = time.time()
+                print(f"tokenize: {writer.rows} of {p.source.rows} rows in shards", file=sys.stderr)
+        manifest = writer.finish({
+            "schema_version": shards.SCHEMA_VERSION,
+            "created": shards.now_iso(),
+            "request": p.request,
+            "source": {**p.request["source"], "rows": p.source.rows},
+            "tokenizer": {**spec, "fingerprint": fingerprint},
+            "grid": list(tok.grid),
+            "vocab_size": tok.vocab_size,
+            "num_classes": p.source.num_classes,
+            "class_names": p.source.class_names,
+            "skipped": skipped,
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    return TokenizeResult(p.out, manifest, False, time.time() - t0)
+

@@ -1,0 +1,72 @@
+"""Shared fixtures. One local Ray instance serves the whole session (starting one costs ~5 s)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance with 2 CPUs, like this machine."""
+    import ray
+
+    from raygen.config import RayConfig
+    from raygen.platform.cluster import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run `raygen ...` in-process; returns (exit code, stdout, stderr)."""
+    from raygen.cli import main
+
+    def run(*argv: str):
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def write_image_folder(root, *, classes=("cat", "dog"), per_class=3, size=(20, 12), mode="RGB"):
+    """An ImageFolder tree of small PNG/JPEG/WebP images with a per-class colour."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    exts = [".png", ".jpg", ".webp"]
+    for ci, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            arr[..., ci % 3] = 255
+            Image.fromarray(arr, "RGB").convert(mode).save(root / cls / f"img{i}{exts[i % 3]}")
+    return root
+
+
+def write_image_parquet(path, *, n=5, size=(10, 10), label_type="int64", corrupt_row=None):
+    """A Parquet file with encoded PNG bytes in `image` and class ids in `label`."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((size[1], size[0], 3), 20 * i, np.uint8), "RGB").save(buf, format="PNG")
+        images.append(b"not an image" if i == corrupt_row else buf.getvalue())
+    labels = [i % 3 for i in range(n)]
+    label_arr = pa.array([str(v) for v in labels]) if label_type == "string" else pa.array(labels, pa.int64())
+    pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": label_arr}), path, row_group_size=2)
+    return path
