@@ -143,3 +143,15 @@ def test_parquet_source_end_to_end(ray_local, tmp_path, run_cli):
     assert code == 0
     m = json.loads((out / "manifest.json").read_text())
     assert (m["rows"], [s["rows"] for s in m["shards"]], m["num_classes"]) == (7, [3, 3, 1], 3)
+
+
+def test_vq_tokenizer_through_ray(ray_local, tmp_path, run_cli):
+    """A small random-init VQ (f=2) on digits: grid 16x16 at 32 px, codebook 64."""
+    out = tmp_path / "vq"
+    code, stdout, _ = run_cli("tokenize", "--tokenizer", "vq", "--out", str(out), "tokenizer.vq.ch=32",
+                              "tokenizer.vq.ch_mult=[1,2]", "tokenizer.vq.z_channels=32",
+                              "tokenizer.vq.codebook_size=64", "tokenizer.vq.embed_dim=4", "data.rows_per_shard=1000")
+    assert code == 0 and "grid 16x16, vocab 64" in stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["source"]["image_size"] == 32 and m["rows"] == 1797
+    assert run_cli("data", "check", str(out))[0] == 0
