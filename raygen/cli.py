@@ -14,9 +14,12 @@ from raygen.errors import UserError, find_user_error
 from raygen.jobs import config as config_job
 from raygen.jobs import data as data_job
 from raygen.jobs import demo as demo_job
+from raygen.jobs import models as models_job
+from raygen.jobs import sample as sample_job
 from raygen.jobs import tokenize as tokenize_job
+from raygen.jobs import train as train_job
 
-JOBS = (demo_job, tokenize_job, data_job, config_job)
+JOBS = (demo_job, tokenize_job, data_job, train_job, sample_job, models_job, config_job)
 
 
 class _Parser(argparse.ArgumentParser):

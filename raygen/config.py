@@ -9,6 +9,7 @@ are filled in once by `resolve()`, never scattered through the code.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -57,7 +58,9 @@ class DataConfig:
     channels: Literal[1, 3] | None = _f(None, help="1 = grayscale, 3 = RGB; null = the source's own (digits: 1)")
     resize: bool = _f(True, help="resize (shorter side) then centre-crop; false = centre-crop only")
     on_bad_input: Literal["fail", "skip"] = _f("fail", help="unreadable image: fail naming it, or skip and record it")
-    out: str | None = _f(None, help="shard directory; null = <workdir>/data/<source>-<tokenizer>-<size>")
+    shards: str | None = _f(
+        None, help="tokenized data set directory (written by tokenize, read by train); null = <workdir>/data/<source>-<tokenizer>-<size>"
+    )
     rows_per_shard: int = _f(512, min=1, help="rows per Parquet shard")
 
 
@@ -72,12 +75,81 @@ class TokenizerConfig:
 
 
 @dataclass
+class ModelConfig:
+    family: str = _f("ar", help="model family: ar, arpg, nar, ctf, emigm, d2it (those registered)")
+    size: str = _f("debug", help="a size of the family (debug or the paper's names, case-insensitive)")
+    arch: dict[str, Any] = _f(
+        help="overrides of the family's architecture config, e.g. model.arch.dim=256 (vocab, grid and classes come from the data)",
+        factory=dict,
+    )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(1000, min=1, help="optimizer steps")
+    global_batch: int = _f(64, min=1, help="samples per optimizer step over all workers")
+    micro_batch: int | None = _f(None, min=1, help="samples per worker per forward; null = global_batch / workers")
+    workers: int | None = _f(None, min=1, help="Ray Train workers; null = every GPU, or every local CPU")
+    cpus_per_worker: float | None = _f(None, min=0.01, help="CPUs per worker; null = share the CPUs, keeping one for data")
+    use_gpu: bool | None = _f(None, help="train on GPUs; null = when the cluster has them")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = _f("auto", help="DeepSpeed ZeRO stage; auto: 0 on one worker, 1 small, 2 from L, 3 from XL")
+    precision: Literal["auto", "fp32", "bf16"] = _f("auto", help="auto: bf16 on GPU, fp32 on CPU")
+    lr: float = _f(4e-4, min=0, help="peak learning rate")
+    min_lr: float = _f(0.0, min=0, help="learning rate at the end of the cosine")
+    warmup_steps: int = _f(100, min=0, help="linear warmup steps")
+    schedule: Literal["cosine", "constant", "linear"] = _f("cosine", help="decay after warmup")
+    betas: list[float] = _f(help="AdamW betas", factory=lambda: [0.9, 0.95])
+    weight_decay: float = _f(0.05, min=0, help="AdamW weight decay (2-D+ params only)")
+    grad_clip: float = _f(1.0, min=0, help="gradient clipping by global norm (0 = off)")
+    ema: float | None = _f(None, min=0, help="EMA decay of the weights (e.g. 0.9999); null = off")
+    log_every: int = _f(10, min=1, help="steps between metric logs")
+    checkpoint_every: int = _f(200, min=1, help="steps between checkpoints (and one at the end)")
+    num_to_keep: int = _f(2, min=1, help="checkpoints kept")
+    sample_every: int | None = _f(None, min=1, help="steps between sample grids; null = only at the end")
+    max_failures: int = _f(1, min=0, help="worker-group restarts from the latest checkpoint")
+    shuffle_buffer: int = _f(1024, min=0, help="rows in each worker's local shuffle buffer (0 = off)")
+    prefetch_batches: int = _f(2, min=0, help="batches each worker prefetches")
+    ds_config: dict[str, Any] = _f(help="raw DeepSpeed config merged last (e.g. train.ds_config.zero_optimization.overlap_comm=true)", factory=dict)
+    fail_at_step: int | None = _f(None, min=1, help="fault injection: the last worker raises at this step on the first attempt")
+
+
+@dataclass
+class SampleConfig:
+    cfg_scale: float = _f(2.0, min=0, help="classifier-free guidance scale (1 = off)")
+    steps: int | None = _f(None, min=1, help="decoding steps for parallel decoders; null = the family's default")
+    temperature: float = _f(1.0, min=0, help="sampling temperature (0 = greedy)")
+    top_k: int = _f(0, min=0, help="keep the k most likely tokens (0 = all)")
+    top_p: float = _f(1.0, min=0, help="nucleus sampling mass (1 = off)")
+    labels: str = _f("all", help="classes to draw: all, or a list/range such as 0-9 or 1,3,5")
+    per_label: int = _f(8, min=1, help="samples per class in a grid")
+    seed: int = _f(0, help="sampling seed")
+    batch_size: int = _f(256, min=1, help="samples generated per forward batch")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = _f(None, help="MLflow tracking URI; null = sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins)")
+    experiment: str = _f("raygen", help="MLflow experiment")
+    run_name: str | None = _f(None, help="MLflow run name; null = <family>-<size>-<time>")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, help="base seed; per-rank seeds are seed + rank")
     workdir: str = _f("work", help="where runs, data, the MLflow store and checkpoints go")
     ray: RayConfig = _f(help="Ray cluster", factory=RayConfig)
     data: DataConfig = _f(help="image source and shards", factory=DataConfig)
     tokenizer: TokenizerConfig = _f(help="image tokenizer", factory=TokenizerConfig)
+    model: ModelConfig = _f(help="model family, size and architecture overrides", factory=ModelConfig)
+    train: TrainConfig = _f(help="the distributed training loop", factory=TrainConfig)
+    sample: SampleConfig = _f(help="sampling for grids and evaluation", factory=SampleConfig)
+    tracking: TrackingConfig = _f(help="MLflow tracking", factory=TrackingConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        cfg = cls()
+        _merge_into(cfg, data, "")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,7 +187,7 @@ def _describe(tp: Any) -> str:
     if origin in (list, tuple):
         inner = typing.get_args(tp)[0]
         return f"a list of {_describe(inner)}"
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) or origin is dict:
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
@@ -171,6 +243,10 @@ def _coerce(tp: Any, value: Any) -> Any:
         raise _Bad
     if tp is Any:
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Bad
+        return dict(value)
     raise TypeError(f"unsupported config type {tp}")
 
 
@@ -197,6 +273,9 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
         if dataclasses.is_dataclass(tp):
             _merge_into(current, value, f"{prefix}{key}.")
             continue
+        if typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(current, dict):
+            setattr(obj, key, _dict_merge(current, value))  # free-form sections merge deeply
+            continue
         try:
             new = _coerce(tp, value)
         except _Bad:
@@ -214,6 +293,34 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
             post()
         except ValueError as e:
             raise ConfigError(f"bad value in '{prefix.rstrip('.') or '<root>'}': {e}") from None
+
+
+def _dict_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _dict_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_labels(spec: str, num_classes: int) -> list[int]:
+    """'all' | '0-9' | '1,3,5' | '0-4,7' -> class ids, each checked against num_classes."""
+    text = str(spec).strip().lower()
+    if text == "all":
+        return list(range(num_classes))
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ConfigError(f"bad labels '{spec}'; allowed: all, a range such as 0-9, or a list such as 1,3,5") from None
+    bad = [c for c in out if not 0 <= c < num_classes]
+    if bad or not out:
+        raise ConfigError(f"bad labels '{spec}': the model has classes 0-{num_classes - 1}")
+    return out
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -278,9 +385,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), **flags: Any) -> Config:
-    """Defaults <- preset YAML (which may name a `base:` preset) <- flags <- key=value overrides."""
-    cfg = Config()
+def load_config(
+    preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), *, base: Config | None = None, **flags: Any
+) -> Config:
+    """Defaults (or `base`) <- preset YAML (which may name a `base:` preset) <- flags <- key=value overrides."""
+    cfg = copy.deepcopy(base) if base is not None else Config()
     if preset:
         chain: list[dict[str, Any]] = []
         path: Path | None = preset_path(preset)

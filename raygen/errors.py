@@ -39,7 +39,7 @@ def find_user_error(exc: BaseException) -> UserError | None:
         seen.add(id(e))
         # Ray's RayTaskError subclasses the original class dynamically; only a class of
         # our own is the genuine article with a clean message.
-        if isinstance(e, UserError) and type(e).__module__ == __name__:
+        if isinstance(e, UserError) and type(e).__module__.split(".")[0] == "raygen":
             return e
         for attr in ("cause", "__cause__", "__context__"):
             nxt = getattr(e, attr, None)

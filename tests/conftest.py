@@ -70,3 +70,7 @@ def write_image_parquet(path, *, n=5, size=(10, 10), label_type="int64", corrupt
     label_arr = pa.array([str(v) for v in labels]) if label_type == "string" else pa.array(labels, pa.int64())
     pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "label": label_arr}), path, row_group_size=2)
     return path
+
+
+# A developer's MLFLOW_TRACKING_URI must not send test runs to their own store.
+os.environ.pop("MLFLOW_TRACKING_URI", None)

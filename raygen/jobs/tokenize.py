@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
     p.add_argument("--source", choices=["digits", "folder", "parquet"], help="= data.source")
     p.add_argument("--path", help="= data.path (folder or Parquet source)")
     p.add_argument("--tokenizer", choices=["palette", "vq"], help="= tokenizer.name")
-    p.add_argument("--out", help="= data.out (the shard directory)")
+    p.add_argument("--out", help="= data.shards (the data set directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set made with other settings")
     add_config_args(p)
     p.set_defaults(func=run)
@@ -22,10 +22,10 @@ def run(args: argparse.Namespace) -> int:
     from raygen.platform.tokenize import plan, tokenize
 
     cfg = resolve(args, **{"data.source": args.source, "data.path": args.path,
-                           "tokenizer.name": args.tokenizer, "data.out": args.out})
+                           "tokenizer.name": args.tokenizer, "data.shards": args.out})
     if args.dry_run:
         p = plan(cfg)
-        print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.out": p.out,
+        print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.shards": p.out,
                             "source rows": p.source.rows})
         return 0
     r = tokenize(cfg, overwrite=args.overwrite)

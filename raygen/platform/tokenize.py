@@ -58,7 +58,7 @@ def plan(cfg: Config) -> TokenizePlan:
         raise ConfigError(
             f"bad value for 'data.image_size': {image_size}; the {cfg.tokenizer.name} tokenizer needs a multiple of {down}"
         )
-    out = Path(cfg.data.out or Path(cfg.workdir) / "data" / f"{source.name}-{cfg.tokenizer.name}-{image_size}")
+    out = Path(cfg.data.shards or Path(cfg.workdir) / "data" / f"{source.name}-{cfg.tokenizer.name}-{image_size}")
     tok_cfg = cfg.tokenizer.palette if cfg.tokenizer.name == "palette" else cfg.tokenizer.vq
     request = {
         "schema_version": shards.SCHEMA_VERSION,

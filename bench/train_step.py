@@ -1,0 +1,195 @@
+"""Training-step time: raygen's Ray Train + DeepSpeed path against a plain single-process torch loop.
+
+    python bench/train_step.py                               # digits 8x8, the demo model, CPU
+    python bench/train_step.py --modes torch,deepspeed --size L --vocab 16384 --grid 16 \\
+        --batch 32 --precision bf16 --stage 2                # one GPU, no Ray
+
+Modes (compared in one run, same model, same global batch):
+- `torch`: a plain loop (AdamW, clipping; bf16 autocast when --precision bf16), one process.
+- `deepspeed`: raygen's DeepSpeedEngine in one process (world size 1; NCCL on GPU, gloo on CPU).
+- `ray`: `raygen train` itself: Ray Data streaming the tokenized digits into `--workers` Ray Train
+  workers driving DeepSpeed; step time and data_wait_frac come from the run's MLflow metrics
+  (the first log window, which includes start-up, is left out).
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raygen.models.registry import build_model  # noqa: E402
+
+
+def _batch(args, device, g):
+    n = args.grid * args.grid
+    return {"tokens": torch.randint(args.vocab, (args.batch, n), generator=g).to(device),
+            "label": torch.randint(args.classes, (args.batch,), generator=g).to(device)}
+
+
+def _model(args, device):
+    torch.manual_seed(0)
+    model = build_model(args.family, args.size, vocab_size=args.vocab, num_classes=args.classes,
+                        grid_size=args.grid, **json.loads(args.arch))
+    return model.to(device)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_torch(args, device) -> dict:
+    _reset_peak(device)
+    model = _model(args, device)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    batches = [_batch(args, device, g) for _ in range(4)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(batches[i % 4], generator=gen)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    return _summary(times, args.batch, device)
+
+
+def bench_deepspeed(args, device) -> dict:
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        os.environ.setdefault(k, v)
+    import deepspeed
+
+    from raygen.platform.engine import DeepSpeedEngine, build_ds_config
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    _reset_peak(device)
+    model = _model(args, device)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    ds = build_ds_config(global_batch=args.batch, micro_batch=None, world=1, stage=args.stage,
+                         bf16=args.precision == "bf16", grad_clip=1.0)
+    ds = {**ds, **json.loads(args.ds_config)}
+    engine = DeepSpeedEngine(model, opt, ds)
+    g = torch.Generator().manual_seed(0)
+    batches = [_batch(args, device, g) for _ in range(4)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = engine(batches[i % 4], generator=gen)
+        engine.backward(out["loss"])
+        engine.step()
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    result = _summary(times, args.batch, device)
+    result["zero_stage"] = args.stage
+    return result
+
+
+def bench_ray(args) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from raygen.config import load_config
+    from raygen.platform.tokenize import tokenize
+    from raygen.platform.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="raygen-bench-"))
+    arch = json.loads(args.arch)
+    overrides = [f"workdir={work}", f"train.workers={args.workers}", f"train.global_batch={args.batch}",
+                 f"train.steps={args.warmup + args.steps}", f"train.log_every={args.warmup}",
+                 f"train.checkpoint_every={10**6}", f"train.zero_stage={args.stage}", f"model.family={args.family}",
+                 f"model.size={args.size}", "sample.per_label=1", f"train.precision={args.precision}"]
+    overrides += [f"model.arch.{k}={v}" for k, v in arch.items()]
+    cfg = load_config("demo", overrides)
+    data = tokenize(cfg, progress=False)
+    r = train(cfg, data_dir=str(data.out))
+    client = MlflowClient(r.tracking_uri)
+    hist = {k: [m.value for m in sorted(client.get_metric_history(r.run_id, k), key=lambda m: m.step)]
+            for k in ("perf/samples_per_s", "perf/data_wait_frac")}
+    sps = statistics.mean(hist["perf/samples_per_s"][1:] or hist["perf/samples_per_s"])
+    return {"step_s": args.batch / sps, "samples_per_s": sps,
+            "data_wait_frac": statistics.mean(hist["perf/data_wait_frac"][1:] or hist["perf/data_wait_frac"]),
+            "workers": args.workers, "zero_stage": args.stage, "wall_s_total": r.seconds}
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _summary(times, batch, device) -> dict:
+    med = statistics.median(times)
+    out = {"step_s": med, "step_s_min": min(times), "samples_per_s": batch / med}
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--modes", default="torch,ray")
+    p.add_argument("--family", default="ar")
+    p.add_argument("--size", default="debug")
+    p.add_argument("--arch", default="{}", help="JSON architecture overrides")
+    p.add_argument("--vocab", type=int, default=16)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64, help="global batch")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--ds-config", default="{}", help="JSON merged into the ds_config (deepspeed mode)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for in-process modes (0 = default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    modes = args.modes.split(",")
+    model = build_model(args.family, args.size, vocab_size=args.vocab, num_classes=args.classes, grid_size=args.grid,
+                        **json.loads(args.arch))
+    out = {"family": args.family, "size": args.size, "params": model.num_params(), "grid": args.grid,
+           "vocab": args.vocab, "global_batch": args.batch, "precision": args.precision, "device": str(device),
+           "torch_threads": torch.get_num_threads()}
+    del model
+    if "torch" in modes:
+        out["torch"] = bench_torch(args, device)
+    if "deepspeed" in modes:
+        out["deepspeed"] = bench_deepspeed(args, device)
+    if "ray" in modes:
+        out["ray_deepspeed"] = bench_ray(args)
+    for mode in ("deepspeed", "ray_deepspeed"):
+        if mode in out and "torch" in out:
+            out[f"{mode}_over_torch_step_time"] = out[mode]["step_s"] / out["torch"]["step_s"]
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

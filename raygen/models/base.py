@@ -1,0 +1,155 @@
+"""The model contract every generator family follows, so the training loop stays family-agnostic.
+
+A family is a `GenerativeModel` subclass plus a dataclass config (a `ModelConfig`) and a dict
+of named sizes; `FamilySpec` bundles the three for `raygen.models.registry`.
+
+    out = model({"tokens": (B, N) ids, "label": (B,) ids}, generator=g)  # {"loss", "acc", ...}
+    ids = model.generate(labels, cfg_scale=2.0, temperature=1.0, generator=g)  # (B, G, G)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+    mfu = model.flops_per_sample() * samples_per_s / peak_flops
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Fields every family config carries; JSON-serialisable with dataclasses.asdict."""
+
+    vocab_size: int = 16384  # token ids lie in [0, vocab_size); LlamaGen VQ-16 codebook
+    num_classes: int = 1000  # class labels lie in [0, num_classes); the null class is extra
+    grid_size: int = 16  # tokens per side; a sample is grid_size**2 tokens in raster order
+
+    def __post_init__(self) -> None:
+        bad = {f: getattr(self, f) for f in ("vocab_size", "num_classes", "grid_size") if getattr(self, f) < 1}
+        if bad:
+            raise ValueError(f"{type(self).__name__}: these fields must be positive integers, got {bad}")
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sample (grid_size**2)."""
+        return self.grid_size**2
+
+
+class GenerativeModel(nn.Module, ABC):
+    """A class-conditional token generator: forward -> losses, generate -> token grids."""
+
+    config: ModelConfig
+
+    # --- the contract ------------------------------------------------------------------
+    @abstractmethod
+    def forward(
+        self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """batch {"tokens": (B, N) ids, "label": (B,) ids} -> {"loss": scalar, extra detached scalars}.
+
+        `generator` drives every random choice in forward except nn.Dropout (class-label
+        dropout, orders, mask ratios); it must live on the model's device.
+        """
+
+    @abstractmethod
+    def generate(
+        self,
+        labels: torch.Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        **family_knobs: Any,
+    ) -> torch.Tensor:
+        """labels (B,) -> token ids (B, grid, grid) int64, under inference_mode, train mode restored."""
+
+    # --- optimiser, size and cost ---------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups (nanoGPT rule): decay every >=2-D weight (embeddings too), not norms or biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; non_embedding leaves out nn.Embedding tables (lookups, no FLOPs)."""
+        total = sum(_numel(p) for p in self.parameters())
+        if non_embedding:
+            tables = {id(m.weight): _numel(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+            total -= sum(tables.values())
+        return total
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample (forward + backward), the nanoGPT/PaLM estimate.
+
+        6 * P * L + 12 * n_layer * dim * L**2, with P = non-embedding parameters (the output
+        head counts, embedding lookups do not) and L = tokens the transformer processes per
+        sample (grid_size**2). The first term is the matmuls against weights (2 FLOPs per
+        multiply-add, x3 for backward); the second is attention scores and their weighted sum.
+        Families whose transformer sees a different length or depth override this.
+        """
+        c = self.config
+        n_layer, dim = c.n_layer, c.dim  # type: ignore[attr-defined]
+        length = c.seq_len
+        return float(6 * self.num_params(non_embedding=True) * length + 12 * n_layer * dim * length**2)
+
+    # --- helpers for families ----------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Switch to eval mode for the block and restore the previous train/eval mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype activations will have: autocast's when it is on, else the weights'."""
+        device_type = self.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return next(self.parameters()).dtype
+
+    def check_labels(self, labels: torch.Tensor | list[int]) -> torch.Tensor:
+        """Class ids as an int64 (B,) tensor on the model's device, each in [0, num_classes)."""
+        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        if labels.numel() == 0:
+            raise ValueError("labels is empty; pass at least one class id")
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= self.config.num_classes:
+            raise ValueError(f"class labels must lie in [0, {self.config.num_classes}), got [{lo}, {hi}]")
+        return labels
+
+    def check_generator(self, generator: torch.Generator | None) -> None:
+        """Fail early, with a clear message, when the generator lives on another device."""
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {self.device}; create it there")
+
+
+def _numel(p: torch.Tensor) -> int:
+    # A ZeRO-3 partitioned parameter holds an empty local tensor; its full size is `ds_numel`.
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilySpec:
+    """One family for the registry: its name, model class, config class and named sizes."""
+
+    family: str
+    model_cls: type[GenerativeModel]
+    config_cls: type[ModelConfig]
+    sizes: dict[str, ModelConfig]

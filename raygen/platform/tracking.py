@@ -1,0 +1,274 @@
+"""MLflow in one place: runs, metrics, artifacts, the model registry and model URIs.
+
+The driver creates the experiment and the run (so only one process ever migrates a fresh
+SQLite store) and passes the run id to the workers; rank 0 logs into it through
+`MlflowTracker`, every other rank gets a `NullTracker`. A model is a directory with
+`model.pt` (fp32 state dict, loads with `torch.load(weights_only=True)`) and `config.json`,
+logged as the run's `model/` artifact and registered by its artifact URI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from raygen.errors import UserError
+
+MODEL_ARTIFACT = "model"
+
+
+def tracking_uri(workdir: str, uri: str | None = None) -> str:
+    """MLFLOW_TRACKING_URI > tracking.uri > sqlite:///<workdir>/mlflow.db."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if uri:
+        return uri
+    path = Path(workdir).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def _client(uri: str):
+    # Never mlflow.set_tracking_uri(): it exports MLFLOW_TRACKING_URI, which would then
+    # outrank every later tracking.uri in this process (and its children).
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str, workdir: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        location = (Path(workdir).resolve() / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def create_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def set_terminated(uri: str, run_id: str, status: str) -> None:
+    _client(uri).set_terminated(run_id, status=status)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
+def get_run(uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no MLflow run '{run_id}' in {uri}") from None
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client = _client(uri)
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(uri: str, run_id: str, text: str, name: str) -> None:
+    _client(uri).log_text(run_id, text, name)
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in _client(uri).get_metric_history(run_id, key)]
+
+
+class MlflowTracker:
+    """Rank 0's handle on the run the driver created."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        log_metrics(self.uri, self.run_id, metrics, step)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        log_artifact(self.uri, self.run_id, path, artifact_path)
+
+
+class NullTracker:
+    """Every rank but 0: logging is a no-op."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+
+def register(uri: str, run_id: str, name: str, alias: str | None = None) -> int:
+    """Register the run's `model/` artifact as a new version of NAME (created if missing)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    run = get_run(uri, run_id)
+    artifacts = [f.path for f in client.list_artifacts(run_id)]
+    if MODEL_ARTIFACT not in artifacts:
+        raise UserError(f"run '{run_id}' has no '{MODEL_ARTIFACT}' artifact (did it finish training?)")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    if alias:
+        _check_alias(alias)
+    version = client.create_model_version(name, source=source, run_id=run_id)
+    if alias and alias.lower() != LATEST:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+# MLflow reserves `latest`: models:/NAME@latest always resolves to the newest version, so
+# registering "with alias latest" needs no alias of its own.
+LATEST = "latest"
+
+
+def _check_alias(alias: str) -> None:
+    if alias.lower() == LATEST:
+        return
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias) or re.fullmatch(r"v\d+", alias):
+        raise UserError(f"bad alias '{alias}': use letters, digits, '_' and '-', not starting with a digit, and not vN")
+
+
+def set_alias(uri: str, name: str, alias: str, version: int) -> None:
+    _check_alias(alias)
+    if alias.lower() == LATEST:
+        raise UserError("'latest' always means the newest version in MLflow; it cannot point at another version")
+    _client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def list_models(uri: str) -> list[dict[str, Any]]:
+    client = _client(uri)
+    out = []
+    for rm in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{rm.name}'")
+        numbers = sorted(int(v.version) for v in versions)
+        aliases = {a: int(v) for a, v in (getattr(rm, "aliases", {}) or {}).items()}
+        if numbers:
+            aliases[LATEST] = numbers[-1]
+        out.append({"name": rm.name, "versions": numbers, "aliases": aliases})
+    return sorted(out, key=lambda m: m["name"])
+
+
+def show_model(uri: str, name: str) -> dict[str, Any]:
+    client = _client(uri)
+    names = [m["name"] for m in list_models(uri)]
+    if name not in names:
+        raise UserError(f"no registered model '{name}'; registered: {', '.join(names) or '(none)'}")
+    rm = client.get_registered_model(name)
+    aliases_by_version: dict[str, list[str]] = {}
+    for a, v in (rm.aliases or {}).items():
+        aliases_by_version.setdefault(str(v), []).append(a)
+    all_versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    if all_versions:
+        aliases_by_version.setdefault(str(all_versions[-1].version), []).append(LATEST)
+    versions = []
+    for v in all_versions:
+        versions.append({"version": int(v.version), "run_id": v.run_id, "source": v.source,
+                         "aliases": sorted(aliases_by_version.get(str(v.version), []))})
+    return {"name": name, "versions": versions}
+
+
+def resolve_model(uri: str, model: str) -> tuple[Path, str | None]:
+    """A model reference -> (local directory with model.pt + config.json, run id or None).
+
+    Accepts models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/path] or a local directory.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    if model.startswith("models:/"):
+        ref = model[len("models:/") :]
+        names = [m["name"] for m in list_models(uri)]
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+        elif "/" in ref:
+            name, alias = ref.split("/", 1)[0], None
+        else:
+            raise UserError(f"bad model URI '{model}'; use models:/NAME@ALIAS or models:/NAME/VERSION")
+        if name not in names:
+            raise UserError(f"no registered model '{name}'; registered: {', '.join(names) or '(none)'}")
+        try:
+            if alias is not None:
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                mv = client.get_model_version(name, ref.split("/", 1)[1])
+        except MlflowException:
+            info = show_model(uri, name)
+            aliases = sorted({a for v in info["versions"] for a in v["aliases"]})
+            versions = [str(v["version"]) for v in info["versions"]]
+            what = f"alias '{alias}'" if alias is not None else f"version '{ref.split('/', 1)[1]}'"
+            raise UserError(
+                f"model '{name}' has no {what}; aliases: {', '.join(aliases) or '(none)'}; versions: {', '.join(versions)}"
+            ) from None
+        return _download(uri, mv.source), mv.run_id
+    if model.startswith("runs:/"):
+        parts = model[len("runs:/") :].strip("/").split("/", 1)
+        run_id = parts[0]
+        sub = parts[1] if len(parts) > 1 else MODEL_ARTIFACT
+        run = get_run(uri, run_id)
+        return _download(uri, f"{run.info.artifact_uri.rstrip('/')}/{sub}"), run_id
+    local = Path(model)
+    if local.is_dir():
+        if not (local / "model.pt").is_file() or not (local / "config.json").is_file():
+            raise UserError(f"'{model}' is not an exported model directory (it needs model.pt and config.json)")
+        return local, None
+    raise UserError(
+        f"cannot find model '{model}'; use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or an export directory"
+    )
+
+
+def read_artifact_text(uri: str, run_id: str, path: str) -> str:
+    get_run(uri, run_id)
+    local = _client(uri).download_artifacts(run_id, path, tempfile.mkdtemp(prefix="raygen-art-"))
+    return Path(local).read_text()
+
+
+def _download(uri: str, artifact_uri: str) -> Path:
+    import mlflow
+
+    if artifact_uri.startswith("file://"):
+        local = Path(artifact_uri[len("file://") :])
+        if local.is_dir():
+            return local
+    dst = tempfile.mkdtemp(prefix="raygen-model-")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri))
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot fetch model artifacts from {artifact_uri}: {e}") from None

@@ -1,0 +1,488 @@
+"""Distributed training: Ray Data streams the shards into Ray Train workers that drive DeepSpeed.
+
+    raygen train --preset ar-debug --data DIR [key=value ...]
+
+The driver checks the data set against the model before any worker starts, opens the MLflow
+run, and builds one `TorchTrainer`. Each worker runs `train_loop_per_worker`: a step-based
+loop (LR a pure function of the step, clipping, optional EMA, abort on a non-finite loss)
+that checkpoints every `train.checkpoint_every` steps through `ray.train.report`. A failed
+worker group restarts from the latest checkpoint (`train.max_failures`); a stopped driver
+continues with `raygen train --resume RUN`, in the same MLflow run. At the end the driver
+logs the consolidated fp32 export as the run's `model/` artifact and a sample grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raygen.config import Config, TrainConfig
+from raygen.errors import ConfigError, DataError, UserError
+from raygen.models.registry import build_model, model_config
+from raygen.platform import shards
+from raygen.platform.engine import batch_split, build_ds_config, resolve_zero_stage
+
+MATERIALIZE_BELOW_BYTES = 256 * 2**20
+
+# --------------------------------------------------------------------------------------
+# Pure functions of the step
+# --------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    if t.schedule == "linear":
+        return t.min_lr + (t.lr - t.min_lr) * (1 - progress)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the weights, in fp32 (the loop calls it inside full_params)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+# --------------------------------------------------------------------------------------
+# Planning (driver, before any worker starts)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainPlan:
+    data_dir: str
+    manifest: dict[str, Any]
+    arch: dict[str, Any]  # model_config overrides: the user's plus vocab/grid/classes from the data
+    n_params: int
+    workers: int
+    cpus_per_worker: float
+    use_gpu: bool
+    precision: str
+    zero_stage: int
+    micro_batch: int
+    accumulation: int
+    ds_config: dict[str, Any]
+    storage_path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def data_arch(manifest: dict[str, Any]) -> dict[str, Any]:
+    grid = manifest["grid"]
+    if grid[0] != grid[1]:
+        raise DataError(f"the data set's token grid is {grid[0]}x{grid[1]}; the models need a square grid")
+    return {"vocab_size": manifest["vocab_size"], "num_classes": manifest["num_classes"], "grid_size": grid[0]}
+
+
+def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data_dir: str) -> TrainPlan:
+    manifest = shards.read_manifest(data_dir)
+    problems = shards.check_files(Path(data_dir), manifest, checksums=False)
+    if problems:
+        raise DataError(f"data set '{data_dir}' is damaged: {problems[0]} (run `raygen data check {data_dir}`)")
+    arch = dict(cfg.model.arch)
+    for key, value in data_arch(manifest).items():
+        if key in arch and arch[key] != value:
+            raise ConfigError(
+                f"model.arch.{key}={arch[key]} does not match the data set '{data_dir}', which has {key}={value}"
+            )
+        arch[key] = value
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.family, cfg.model.size, **arch)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    n_params = sum(p.numel() for p in model.parameters())
+
+    t = cfg.train
+    use_gpu = t.use_gpu if t.use_gpu is not None else cluster_gpus > 0
+    if use_gpu and cluster_gpus == 0:
+        raise ConfigError("train.use_gpu=true but the Ray cluster has no GPUs")
+    workers = t.workers or (int(cluster_gpus) if use_gpu else max(1, int(cluster_cpus)))
+    if t.cpus_per_worker is not None:
+        cpw = t.cpus_per_worker
+    elif use_gpu:
+        cpw = max(1.0, min(8.0, (cluster_cpus - 1) / workers))
+    else:  # share the CPUs and leave one for Ray Data (two decimals keep Ray's resource math exact)
+        cpw = max(0.01, math.floor(100 * max(cluster_cpus - 1, 1) / workers) / 100)
+    if workers * cpw > cluster_cpus:
+        raise ConfigError(
+            f"{workers} workers x {cpw} CPUs do not fit the cluster's {cluster_cpus:g} CPUs; "
+            "lower train.workers or train.cpus_per_worker"
+        )
+    if use_gpu and workers > cluster_gpus:
+        raise ConfigError(f"train.workers={workers} but the cluster has {cluster_gpus:g} GPUs")
+    precision = t.precision if t.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    device_mem = None
+    if use_gpu and torch.cuda.is_available():
+        device_mem = torch.cuda.get_device_properties(0).total_memory
+    stage = resolve_zero_stage(t.zero_stage, n_params=n_params, world=workers, device_mem_bytes=device_mem)
+    micro, accum = batch_split(t.global_batch, t.micro_batch, workers)
+    if micro * workers > manifest["rows"]:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} needs {micro * workers} rows per micro step but '{data_dir}' "
+            f"has {manifest['rows']}"
+        )
+    ds_config = build_ds_config(global_batch=t.global_batch, micro_batch=t.micro_batch, world=workers, stage=stage,
+                                bf16=precision == "bf16", grad_clip=t.grad_clip, raw=t.ds_config)
+    storage = str((Path(cfg.workdir) / "checkpoints").resolve())
+    return TrainPlan(str(Path(data_dir).resolve()), manifest, arch, n_params, workers, cpw, use_gpu, precision,
+                     stage, micro, accum, ds_config, storage)
+
+
+# --------------------------------------------------------------------------------------
+# The worker loop
+# --------------------------------------------------------------------------------------
+
+
+def _peak_mem_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from raygen.platform.engine import DeepSpeedEngine
+    from raygen.platform.tracking import MlflowTracker, NullTracker
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    cfg = Config.from_dict(config["cfg"])
+    plan = config["plan"]
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(round(plan["cpus_per_worker"]))))
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)  # nn.Dropout; explicit generators drive the rest
+
+    model = build_model(cfg.model.family, cfg.model.size, **plan["arch"]).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                  fused=device.type == "cuda")
+    engine = DeepSpeedEngine(model, optimizer, plan["ds_config"])
+    model = engine.module
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank)
+    ema = EMA(model, t.ema) if t.ema else None
+    step, epoch = 0, 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = engine.load(d)
+            step, epoch = int(state["step"]), int(state["epoch"]) + 1
+            rng_file = Path(d) / "rng" / f"rank{rank}.pt"
+            if rng_file.is_file():
+                gen.set_state(torch.load(rng_file, weights_only=True)["generator"])
+            if ema is not None and state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()  # nobody leaves (and deletes) the directory while others read it
+
+    tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else NullTracker()
+    shard = ray.train.get_dataset_shard("train")
+    samples_per_step = t.global_batch
+    flops = model.flops_per_sample()
+
+    def save(final: bool, metrics: dict[str, float]) -> None:
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            client_state = {"step": step, "epoch": epoch, "ema": ema.state_dict() if ema else None}
+            engine.save(tmp, client_state)
+            (Path(tmp) / "rng").mkdir()
+            torch.save({"generator": gen.get_state()}, Path(tmp) / "rng" / f"rank{rank}.pt")
+            if final:
+                weights = engine.fp32_state_dict()  # collective
+                if ema is not None:
+                    weights = {**weights, **ema.state_dict()}
+                if rank == 0:
+                    from raygen.platform.sampling import write_export
+
+                    write_export(Path(tmp) / "export", weights, config["export_meta"])
+            ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{step:08d}")
+
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
+    bad_loss = False
+    last: dict[str, float] = {}
+    fail_armed = t.fail_at_step is not None and checkpoint is None and rank == world - 1
+    while step < t.steps:
+        batches = shard.iter_torch_batches(
+            batch_size=plan["micro_batch"], drop_last=True, dtypes={"tokens": torch.long, "label": torch.long},
+            device=device, local_shuffle_buffer_size=t.shuffle_buffer or None,
+            local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
+            prefetch_batches=t.prefetch_batches,
+        )
+        it = iter(batches)
+        while step < t.steps:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            window["wait"] += time.perf_counter() - t_wait
+            engine.set_lr(lr_at(step, t))
+            out = engine(batch, generator=gen)
+            loss = out["loss"]
+            engine.backward(loss)
+            loss_value = float(loss.detach())
+            bad_loss |= not math.isfinite(loss_value)
+            window["loss"] += loss_value
+            window["n"] += 1
+            if not engine.step():
+                continue
+            step += 1
+            window["steps"] += 1
+            # One scalar all-reduce per step, so every rank stops at the same step.
+            if _all_reduce([float(bad_loss)], device, "max")[0] > 0:
+                ray.train.report({"step": step, "abort_step": step, "abort_loss": loss_value})
+                return
+            if ema is not None:
+                with engine.full_params():
+                    ema.update(model)
+            if fail_armed and step >= t.fail_at_step:
+                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
+            if step % t.log_every == 0 or step == t.steps:
+                loss_sum, n = _all_reduce([window["loss"], window["n"]], device)
+                elapsed = time.perf_counter() - window["t0"]
+                sps = window["steps"] * samples_per_step / elapsed
+                last = {
+                    "train/loss": loss_sum / max(n, 1),
+                    "train/lr": lr_at(step - 1, t),
+                    "perf/samples_per_s": sps,
+                    "perf/data_wait_frac": window["wait"] / elapsed,
+                    "perf/tflops_per_worker": flops * sps / world / 1e12,
+                    "mem/peak_gb": _peak_mem_gb(device),
+                }
+                norm = engine.grad_norm()
+                if norm is not None and math.isfinite(norm):
+                    last["train/grad_norm"] = norm
+                tracker.log_metrics(last, step)
+                window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+                _log_samples(cfg, config, engine, device, step, tracker, rank)
+            if step % t.checkpoint_every == 0 and step < t.steps:
+                save(final=False, metrics={k: v for k, v in last.items() if k == "train/loss"})
+        epoch += 1
+    save(final=True, metrics={k: v for k, v in last.items() if k == "train/loss"})
+
+
+def _log_samples(cfg: Config, config: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
+    """A fixed-seed grid from the live weights; every rank generates (ZeRO-3 gathers collectively)."""
+    from raygen.platform.sampling import decode, grid_image, generate
+    from raygen.config import parse_labels
+
+    meta = config["export_meta"]
+    sample = dataclasses.replace(cfg.sample, per_label=min(cfg.sample.per_label, 4))
+    classes = parse_labels(sample.labels, meta["data"]["num_classes"])[:10]
+    labels = [c for c in classes for _ in range(sample.per_label)]
+    with engine.full_params():
+        tokens = generate(engine.module, labels, sample, device)
+    engine.module.train()
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"samples_step{step:08d}.png"
+            grid_image(decode(meta, tokens), rows=len(classes)).save(path)
+            tracker.log_artifact(path, "samples")
+
+
+# --------------------------------------------------------------------------------------
+# The driver
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    tracking_uri: str
+    export_dir: Path
+    steps: int
+    metrics: dict[str, Any]
+    seconds: float
+
+
+class TrainingAborted(UserError):
+    pass
+
+
+def export_meta(cfg: Config, plan: TrainPlan, run_id: str) -> dict[str, Any]:
+    m = plan.manifest
+    return {
+        "family": cfg.model.family,
+        "size": cfg.model.size,
+        "arch": plan.arch,
+        "model_config": json.loads(json.dumps(dataclasses.asdict(model_config(cfg.model.family, cfg.model.size, **plan.arch)))),
+        "weights": "ema" if cfg.train.ema else "raw",
+        "tokenizer": m["tokenizer"],
+        "data": {"dir": plan.data_dir, "source": m["source"]["name"], "num_classes": m["num_classes"],
+                 "class_names": m.get("class_names"), "grid": m["grid"], "vocab_size": m["vocab_size"],
+                 "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]},
+        "sample": dataclasses.asdict(cfg.sample),
+        "run_id": run_id,
+        "steps": cfg.train.steps,
+    }
+
+
+def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: bool = False) -> TrainResult:
+    """Plan, open (or reopen) the MLflow run, fit, export, sample. Returns where everything went."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raygen.platform import tracking
+    from raygen.platform.cluster import init_ray
+
+    t0 = time.time()
+    init_ray(cfg.ray)
+    plan = plan_training(cfg, cluster_cpus=float(ray.cluster_resources().get("CPU", 1)),
+                         cluster_gpus=float(ray.cluster_resources().get("GPU", 0)), data_dir=data_dir)
+    uri = tracking.tracking_uri(cfg.workdir, cfg.tracking.uri)
+    if resume_run:
+        run_id = resume_run
+        tracking.reopen_run(uri, run_id)
+    else:
+        exp = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.workdir)
+        name = cfg.tracking.run_name or f"{cfg.model.family}-{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        params = {**cfg.flat(), "derived.n_params": plan.n_params, "derived.workers": plan.workers,
+                  "derived.zero_stage": plan.zero_stage, "derived.micro_batch": plan.micro_batch,
+                  "derived.accumulation": plan.accumulation, "derived.precision": plan.precision}
+        run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": cfg.model.family,
+                                                              "raygen.size": cfg.model.size,
+                                                              "raygen.data": plan.data_dir})
+        tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+        tracking.log_text(uri, run_id, json.dumps(plan.manifest, indent=1), "data/manifest.json")
+        tracking.log_text(uri, run_id, json.dumps(plan.ds_config, indent=1), "ds_config.json")
+
+    ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(["tokens", "label"])
+    n_bytes = plan.manifest["rows"] * (4 * int(plan.manifest["grid"][0]) ** 2 + 4)
+    if n_bytes < MATERIALIZE_BELOW_BYTES:
+        # Small data sets live in the object store once instead of being re-read every epoch.
+        ds = ds.materialize()
+    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.seed, reseed_after_execution=True))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_id": run_id, "tracking_uri": uri,
+                           "export_meta": export_meta(cfg, plan, run_id)},
+        scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": plan.cpus_per_worker}),
+        torch_config=TorchConfig(timeout_s=900),
+        run_config=RunConfig(
+            name=f"raygen-{run_id}", storage_path=plan.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        ),
+        datasets={"train": ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # noqa: BLE001 - training errors end the MLflow run as FAILED
+        tracking.set_terminated(uri, run_id, "FAILED")
+        raise TrainingFailed.of(run_id, e) from e
+    metrics = dict(result.metrics or {})
+    if "abort_step" in metrics:
+        tracking.set_terminated(uri, run_id, "FAILED")
+        raise TrainingAborted(
+            f"training stopped at step {metrics['abort_step']}: the loss is not finite ({metrics['abort_loss']}); "
+            "lower train.lr, raise train.warmup_steps or set train.grad_clip"
+        )
+    export_dir = Path(tempfile.mkdtemp(prefix="raygen-export-"))
+    with result.checkpoint.as_directory() as d:
+        src = Path(d) / "export"
+        if not src.is_dir():
+            tracking.set_terminated(uri, run_id, "FAILED")
+            raise RuntimeError(f"the final checkpoint {result.checkpoint.path} has no export/")
+        import shutil
+
+        shutil.copytree(src, export_dir, dirs_exist_ok=True)
+    tracking.log_artifact(uri, run_id, export_dir, tracking.MODEL_ARTIFACT)
+    final_metrics = finish_with_samples(cfg, uri, run_id, export_dir)
+    tracking.set_terminated(uri, run_id, "FINISHED")
+    return TrainResult(run_id, uri, export_dir, int(metrics.get("step", cfg.train.steps)),
+                       {**metrics, **final_metrics}, time.time() - t0)
+
+
+def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) -> dict[str, float]:
+    """Sample a grid from the export, log it, and log eval/class_acc for digits."""
+    from raygen.platform import tracking
+    from raygen.platform.digits import class_accuracy, load_classifier
+    from raygen.platform.sampling import is_digits, load_export, sample_grid
+
+    model, meta = load_export(export_dir)
+    png = export_dir.parent / f"{export_dir.name}-samples.png"
+    s = sample_grid(model, meta, cfg.sample, png)
+    tracking.log_artifact(uri, run_id, png, "samples")
+    out: dict[str, float] = {}
+    if is_digits(meta):
+        clf, _ = load_classifier(Path(cfg.workdir) / "cache")
+        out["eval/class_acc"] = class_accuracy(clf, s["images"], s["labels"])
+        tracking.log_metrics(uri, run_id, out, cfg.train.steps)
+    return out
+
+
+class TrainingFailed(UserError):
+    """Training failed after its restarts; the run can be resumed."""
+
+    @classmethod
+    def of(cls, run_id: str, cause: BaseException) -> "TrainingFailed":
+        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
+        detail = (lines[-1] if lines else type(cause).__name__)[:400]
+        return cls(f"training failed (run {run_id}): {detail}; continue it with `raygen train --resume {run_id}`")
+
+
+def run_config_of(uri: str, run_id: str) -> dict[str, Any]:
+    """The resolved config a run was started with (its config.yaml artifact)."""
+    import yaml
+
+    from raygen.platform import tracking
+
+    try:
+        text = tracking.read_artifact_text(uri, run_id, "config.yaml")
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001
+        raise UserError(f"run '{run_id}' has no config.yaml artifact; was it started by raygen train?") from None
+    return yaml.safe_load(text)

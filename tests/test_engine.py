@@ -1,0 +1,101 @@
+"""ds_config arithmetic, the ZeRO stage choice, the LR schedule, EMA and the plain-torch engine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raygen.config import TrainConfig, load_config
+from raygen.errors import ConfigError
+from raygen.platform.engine import TorchEngine, batch_split, build_ds_config, resolve_zero_stage
+from raygen.platform.train import EMA, lr_at
+
+
+def test_batch_split():
+    assert batch_split(64, None, 2) == (32, 1)
+    assert batch_split(64, 8, 2) == (8, 4)
+    assert batch_split(64, 32, 2) == (32, 1)
+    with pytest.raises(ConfigError, match=r"train.global_batch=64 must equal train.micro_batch=12 x 2 workers"):
+        batch_split(64, 12, 2)
+    with pytest.raises(ConfigError, match="does not divide over 3 workers"):
+        batch_split(64, None, 3)
+
+
+def test_ds_config_batch_math_and_raw_override_last():
+    ds = build_ds_config(global_batch=64, micro_batch=8, world=2, stage=2, bf16=False, grad_clip=1.0,
+                         raw={"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5})
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2 == ds["train_batch_size"] == 64
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                                       "reduce_bucket_size": 5e7}
+    assert ds["gradient_clipping"] == 0.5 and ds["torch_autocast"]["enabled"] is False
+    ds3 = build_ds_config(global_batch=8, micro_batch=None, world=1, stage=3, bf16=True, grad_clip=1.0)
+    assert ds3["zero_optimization"]["stage"] == 3
+    assert ds3["torch_autocast"] == {"enabled": True, "dtype": "torch.bfloat16"} and not ds3["bf16"]["enabled"]
+
+
+def test_auto_zero_stage():
+    assert resolve_zero_stage("auto", n_params=10**6, world=1, device_mem_bytes=None) == 0
+    assert resolve_zero_stage("auto", n_params=10**8, world=2, device_mem_bytes=None) == 1
+    assert resolve_zero_stage("auto", n_params=343 * 10**6, world=8, device_mem_bytes=None) == 2
+    assert resolve_zero_stage("auto", n_params=775 * 10**6, world=8, device_mem_bytes=None) == 3
+    # a model whose weights and grads alone crowd the device goes to stage 3 early
+    assert resolve_zero_stage("auto", n_params=343 * 10**6, world=8, device_mem_bytes=2e9) == 3
+    assert resolve_zero_stage(2, n_params=10, world=1, device_mem_bytes=None) == 2
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    t = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, t) == pytest.approx(0.1) and lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(55, t) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, t) == pytest.approx(0.1)
+    lrs = [lr_at(s, t) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert lr_at(50, TrainConfig(steps=100, lr=2.0, warmup_steps=0, schedule="constant")) == 2.0
+    assert lr_at(50, TrainConfig(steps=100, lr=1.0, min_lr=0.0, warmup_steps=0, schedule="linear")) == pytest.approx(0.5)
+
+
+def test_ema_tracks_weights():
+    m = torch.nn.Linear(2, 2)
+    ema = EMA(m, decay=0.5)
+    start = ema.shadow["weight"].clone()
+    with torch.no_grad():
+        m.weight.add_(2.0)
+    ema.update(m)
+    assert torch.allclose(ema.shadow["weight"], start + 1.0)
+    fresh = EMA(m, decay=0.5)
+    fresh.load_state_dict(ema.state_dict())
+    assert torch.equal(fresh.shadow["weight"], ema.shadow["weight"])
+
+
+class _Quadratic(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([3.0]))
+
+    def forward(self, batch, **_):
+        return {"loss": ((self.w - batch["x"]) ** 2).mean()}
+
+
+def test_torch_engine_steps_at_accumulation_boundaries(tmp_path):
+    m = _Quadratic()
+    eng = TorchEngine(m, torch.optim.SGD(m.parameters(), lr=0.1), accumulation=2, grad_clip=0.0)
+    stepped = []
+    for _ in range(4):
+        out = eng({"x": torch.zeros(1)})
+        eng.backward(out["loss"])
+        stepped.append(eng.step())
+    assert stepped == [False, True, False, True] and eng.global_steps == 2
+    eng.save(tmp_path, {"step": 2})
+    m2 = _Quadratic()
+    eng2 = TorchEngine(m2, torch.optim.SGD(m2.parameters(), lr=0.1))
+    assert eng2.load(tmp_path) == {"step": 2} and torch.equal(m2.w, m.w)
+
+
+def test_train_config_knobs_validate():
+    with pytest.raises(ConfigError, match="'train.zero_stage'"):
+        load_config(overrides=["train.zero_stage=4"])
+    cfg = load_config(overrides=["train.ds_config.zero_optimization.overlap_comm=true", "train.ds_config.foo=1"])
+    assert cfg.train.ds_config == {"zero_optimization": {"overlap_comm": True}, "foo": 1}
