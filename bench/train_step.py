@@ -50,10 +50,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def bench_torch(args, device) -> dict:
-    _reset_peak(device)
-    model = _model(args, device)
-    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+def _time_steps(args, device, step_fn) -> dict:
+    """Median wall time of step_fn(batch, generator) after args.warmup untimed steps."""
     g = torch.Generator().manual_seed(0)
     batches = [_batch(args, device, g) for _ in range(4)]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -61,16 +59,27 @@ def bench_torch(args, device) -> dict:
     for i in range(args.warmup + args.steps):
         _sync(device)
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            loss = model(batches[i % 4], generator=gen)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_fn(batches[i % 4], gen)
         _sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return _summary(times, args.batch, device)
+
+
+def bench_torch(args, device) -> dict:
+    _reset_peak(device)
+    model = _model(args, device)
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def step(batch, gen):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            loss = model(batch, generator=gen)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time_steps(args, device, step)
 
 
 def bench_deepspeed(args, device) -> dict:
@@ -91,22 +100,12 @@ def bench_deepspeed(args, device) -> dict:
                          bf16=args.precision == "bf16", grad_clip=1.0)
     ds = {**ds, **json.loads(args.ds_config)}
     engine = DeepSpeedEngine(model, opt, ds)
-    g = torch.Generator().manual_seed(0)
-    batches = [_batch(args, device, g) for _ in range(4)]
-    gen = torch.Generator(device=device).manual_seed(0)
-    times = []
-    for i in range(args.warmup + args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = engine(batches[i % 4], generator=gen)
-        engine.backward(out["loss"])
+
+    def step(batch, gen):
+        engine.backward(engine(batch, generator=gen)["loss"])
         engine.step()
-        _sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    result = _summary(times, args.batch, device)
-    result["zero_stage"] = args.stage
-    return result
+
+    return {**_time_steps(args, device, step), "zero_stage": args.stage}
 
 
 def bench_ray(args) -> dict:

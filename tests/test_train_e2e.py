@@ -53,7 +53,8 @@ def _run_id_from(out: str) -> str:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, workdir, digits8, run_cli):
     code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", f"train.zero_stage={stage}",
-                             "train.fail_at_step=6", "train.max_failures=1", f"tracking.run_name=zero{stage}", *TINY)
+                             "train.fail_at_step=6", "train.max_failures=1", f"tracking.run_name=zero{stage}", *TINY,
+                             "train.sample_every=4", "train.ema=0.9")
     assert code == 0, err
     run_id = _run_id_from(out)
     assert "8 steps" in out
@@ -72,8 +73,11 @@ def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, wo
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= ds_files
     from mlflow.tracking import MlflowClient
 
-    arts = {a.path for a in MlflowClient(_uri(workdir)).list_artifacts(run_id)}
+    client = MlflowClient(_uri(workdir))
+    arts = {a.path for a in client.list_artifacts(run_id)}
     assert {"model", "samples", "config.yaml", "data", "ds_config.json"} <= arts
+    grids = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert "samples/samples_step00000004.png" in grids  # the live-weights grid during training
 
 
 def test_resume_after_the_driver_stops_then_registry_and_sampling(workdir, digits8, run_cli, tmp_path):
@@ -113,3 +117,10 @@ def test_manifest_mismatch_is_refused_before_any_worker_starts(workdir, digits8,
     assert code == 2 and "model.arch.vocab_size=32 does not match the data set" in err
     code, _, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "train.global_batch=15")
     assert code == 2 and "train.global_batch=15" in err
+
+
+def test_non_finite_loss_stops_every_worker_with_a_clear_message(workdir, digits8, run_cli):
+    code, _, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "train.lr=.inf",
+                           "train.warmup_steps=0", "train.grad_clip=0", "tracking.run_name=nan")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "the loss is not finite" in last and "lower train.lr" in last

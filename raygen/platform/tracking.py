@@ -66,8 +66,13 @@ def set_terminated(uri: str, run_id: str, status: str) -> None:
     _client(uri).set_terminated(run_id, status=status)
 
 
-def reopen_run(uri: str, run_id: str) -> None:
-    _client(uri).update_run(run_id, status="RUNNING")
+def reopen_run(uri: str, run_id: str, clear_tags: tuple[str, ...] = ()) -> None:
+    client = _client(uri)
+    tags = get_run(uri, run_id).data.tags
+    for key in clear_tags:
+        if key in tags:
+            client.delete_tag(run_id, key)
+    client.update_run(run_id, status="RUNNING")
 
 
 def get_run(uri: str, run_id: str):
@@ -116,6 +121,9 @@ class MlflowTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         log_artifact(self.uri, self.run_id, path, artifact_path)
 
+    def set_tag(self, key: str, value: str) -> None:
+        _client(self.uri).set_tag(self.run_id, key, value)
+
 
 class NullTracker:
     """Every rank but 0: logging is a no-op."""
@@ -124,6 +132,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
         pass
 
 

@@ -31,6 +31,7 @@ from raygen.platform import shards
 from raygen.platform.engine import batch_split, build_ds_config, resolve_zero_stage
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
+ABORT_TAG = "raygen.abort"
 
 # --------------------------------------------------------------------------------------
 # Pure functions of the step
@@ -204,7 +205,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = DeepSpeedEngine(model, optimizer, plan["ds_config"])
     model = engine.module
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank)
-    ema = EMA(model, t.ema) if t.ema else None
+    ema = None
+    if t.ema:
+        with engine.full_params():  # under ZeRO-3 each rank holds only a partition otherwise
+            ema = EMA(model, t.ema)
     step, epoch = 0, 0
 
     checkpoint = ray.train.get_checkpoint()
@@ -279,7 +283,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window["steps"] += 1
             # One scalar all-reduce per step, so every rank stops at the same step.
             if _all_reduce([float(bad_loss)], device, "max")[0] > 0:
-                ray.train.report({"step": step, "abort_step": step, "abort_loss": loss_value})
+                # Every rank stops cleanly at this step (an exception would only be retried);
+                # the driver reads the reason from the run.
+                tracker.set_tag(ABORT_TAG, f"step {step}: loss {loss_value}")
                 return
             if ema is not None:
                 with engine.full_params():
@@ -383,7 +389,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     uri = tracking.tracking_uri(cfg.workdir, cfg.tracking.uri)
     if resume_run:
         run_id = resume_run
-        tracking.reopen_run(uri, run_id)
+        tracking.reopen_run(uri, run_id, clear_tags=(ABORT_TAG,))
     else:
         exp = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.workdir)
         name = cfg.tracking.run_name or f"{cfg.model.family}-{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -423,10 +429,11 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         tracking.set_terminated(uri, run_id, "FAILED")
         raise TrainingFailed.of(run_id, e) from e
     metrics = dict(result.metrics or {})
-    if "abort_step" in metrics:
+    abort = tracking.get_run(uri, run_id).data.tags.get(ABORT_TAG)
+    if abort:
         tracking.set_terminated(uri, run_id, "FAILED")
         raise TrainingAborted(
-            f"training stopped at step {metrics['abort_step']}: the loss is not finite ({metrics['abort_loss']}); "
+            f"training stopped at {abort}: the loss is not finite; "
             "lower train.lr, raise train.warmup_steps or set train.grad_clip"
         )
     export_dir = Path(tempfile.mkdtemp(prefix="raygen-export-"))
