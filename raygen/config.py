@@ -124,6 +124,10 @@ class SampleConfig:
     per_label: int = _f(8, min=1, help="samples per class in a grid")
     seed: int = _f(0, help="sampling seed")
     batch_size: int = _f(256, min=1, help="samples generated per forward batch")
+    knobs: dict[str, Any] = _f(
+        help="family-specific generate() options, e.g. sample.knobs.order=spiral-in (arpg), sample.knobs.cfg_interval=64 (nar)",
+        factory=dict,
+    )
 
 
 @dataclass

@@ -119,3 +119,12 @@ def test_cli_models_commands(store, tmp_path, run_cli):
     code, out, _ = run_cli("sample", "models:/m1@latest", "--tracking-uri", uri, "--labels", "0-1",
                            "--per-label", "3", "--out", str(png))
     assert code == 0 and png.is_file() and "6 samples" in out
+
+
+def test_unknown_sampling_knob_is_refused(tmp_path):
+    from raygen.errors import ConfigError
+
+    export, _ = _export(tmp_path)
+    model, meta = load_export(export)
+    with pytest.raises(ConfigError, match="unknown sample.knobs order for this model's generate"):
+        sample_grid(model, meta, SampleConfig(labels="0", per_label=1, knobs={"order": "raster"}), None)

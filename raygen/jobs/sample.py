@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="= sample.seed")
     p.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     p.add_argument("--eval", action="store_true", help="digits: log eval/class_acc to the model's run")
+    p.add_argument("--edit", metavar="IMAGE", help="zero-shot editing: regenerate the masked region of IMAGE")
+    p.add_argument("--mask", metavar="MASK.png", help="with --edit: white = regenerate, black = keep")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--tracking-uri", help="= tracking.uri")
     p.add_argument("--dry-run", action="store_true", help="print the resolved sampling config and exit")
@@ -32,7 +34,15 @@ def run(args: argparse.Namespace) -> int:
 
     from raygen.config import load_config
     from raygen.platform import tracking
-    from raygen.platform.sampling import is_digits, load_export, read_export_meta, sample_grid
+    from raygen.errors import UserError
+    from raygen.platform.sampling import (
+        edit_grid,
+        is_digits,
+        load_edit_inputs,
+        load_export,
+        read_export_meta,
+        sample_grid,
+    )
 
     flags = {"sample.labels": args.labels, "sample.per_label": args.per_label, "sample.cfg_scale": args.cfg,
              "sample.temperature": args.temperature, "sample.top_k": args.top_k, "sample.top_p": args.top_p,
@@ -47,10 +57,17 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_dry_run(cfg, {"model": export_dir, "run": run_id})
         return 0
+    if bool(args.edit) != bool(args.mask):
+        raise UserError("--edit IMAGE and --mask MASK.png go together")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, meta = load_export(export_dir, device)
-    s = sample_grid(model, meta, cfg.sample, args.out, device)
-    print(f"{len(s['labels'])} samples -> {args.out}")
+    if args.edit:
+        tokens, keep = load_edit_inputs(meta, args.edit, args.mask)
+        s = edit_grid(model, meta, tokens, keep, cfg.sample, args.out, device)
+        print(f"{len(s['labels'])} edits ({int((~keep).sum())} of {keep.numel()} tokens regenerated) -> {args.out}")
+    else:
+        s = sample_grid(model, meta, cfg.sample, args.out, device)
+        print(f"{len(s['labels'])} samples -> {args.out}")
     if args.eval and is_digits(meta):
         from pathlib import Path
 

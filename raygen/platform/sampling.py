@@ -7,6 +7,7 @@ samples without DeepSpeed, Ray or the training code.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from raygen.config import SampleConfig, parse_labels
-from raygen.errors import UserError
+from raygen.errors import ConfigError, UserError
 from raygen.models.registry import build_model
 from raygen.models.tokenizers import from_spec
 
@@ -52,16 +53,31 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu") -> tu
     return model.to(device).eval(), meta
 
 
+COMMON_KNOBS = ("cfg_scale", "steps", "temperature", "top_k", "top_p", "generator")
+
+
+def check_knobs(model, knobs: dict[str, Any]) -> None:
+    """sample.knobs must name keyword options of this family's generate()."""
+    params = inspect.signature(model.generate).parameters
+    allowed = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in COMMON_KNOBS)
+    bad = sorted(set(knobs) - set(allowed))
+    if bad:
+        raise ConfigError(
+            f"unknown sample.knobs {', '.join(bad)} for this model's generate(); allowed: {', '.join(allowed) or '(none)'}"
+        )
+
+
 @torch.inference_mode()
 def generate(model, labels: list[int], sample: SampleConfig, device: str | torch.device = "cpu") -> torch.Tensor:
     """Token grids (B, h, w) for `labels`, in batches of sample.batch_size, seeded by sample.seed."""
+    check_knobs(model, sample.knobs)
     g = torch.Generator(device=device).manual_seed(sample.seed)
     out = []
     for i in range(0, len(labels), sample.batch_size):
         chunk = torch.tensor(labels[i : i + sample.batch_size], device=device)
         out.append(model.generate(chunk, cfg_scale=sample.cfg_scale, steps=sample.steps,
                                   temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                                  generator=g).cpu())
+                                  generator=g, **sample.knobs).cpu())
     return torch.cat(out)
 
 
@@ -102,3 +118,68 @@ def sample_grid(model, meta: dict[str, Any], sample: SampleConfig, out: str | Pa
 
 def is_digits(meta: dict[str, Any]) -> bool:
     return meta["data"].get("source") == "digits"
+
+
+def load_edit_inputs(meta: dict[str, Any], image_path: str | Path, mask_path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image and a mask for zero-shot editing -> (tokens (1, h, w), keep (h, w) bool).
+
+    The image is resized and centre-cropped to the model's image size and tokenized with the
+    data set's tokenizer. The mask is read as grayscale and resized to the token grid: white
+    (>= 128) marks tokens to regenerate, black marks tokens to keep.
+    """
+    from PIL import Image
+
+    from raygen.platform.sources import fit_image
+
+    tok = from_spec(meta["tokenizer"])
+    try:
+        with Image.open(image_path) as im:
+            arr = fit_image(im, tok.image_size, "L" if tok.channels == 1 else "RGB", True, str(image_path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the image to edit '{image_path}': {e}") from None
+    try:
+        with Image.open(mask_path) as m:
+            h, w = tok.grid
+            mask = np.asarray(m.convert("L").resize((w, h), Image.Resampling.NEAREST))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the mask '{mask_path}': {e}") from None
+    keep = torch.from_numpy(mask < 128)
+    if bool(keep.all()) or not bool(keep.any()):
+        what = "nothing to regenerate (the mask is all black)" if keep.all() else "nothing to keep (the mask is all white)"
+        raise UserError(f"the mask '{mask_path}' leaves {what}; white marks what to regenerate")
+    tokens = tok.encode(torch.from_numpy(arr)[None])
+    return tokens, keep
+
+
+@torch.inference_mode()
+def edit_grid(model, meta: dict[str, Any], tokens: torch.Tensor, keep: torch.Tensor, sample: SampleConfig,
+              out: str | Path | None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Regenerate the masked tokens under each requested label, sample.per_label times each.
+
+    Row r of the grid is label r: the original (with the region blanked) first, then its edits.
+    """
+    if not hasattr(model, "edit"):
+        raise UserError(
+            f"the {meta['family']} family cannot edit images: editing needs any-order decoding (e.g. arpg)"
+        )
+    check_knobs(model, sample.knobs)
+    classes = parse_labels(sample.labels, meta["data"]["num_classes"])
+    labels = torch.tensor([c for c in classes for _ in range(sample.per_label)], device=device)
+    g = torch.Generator(device=device).manual_seed(sample.seed)
+    base = tokens.to(device).expand(len(labels), -1, -1)
+    edited = model.edit(labels, base, keep.to(device), cfg_scale=sample.cfg_scale, steps=sample.steps,
+                        temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p, generator=g,
+                        **sample.knobs).cpu()
+    images = decode(meta, edited)
+    if out is not None:
+        original = decode(meta, tokens.cpu())[0]
+        scale = original.shape[0] // keep.shape[0]
+        hole = keep.repeat_interleave(scale, 0).repeat_interleave(scale, 1)[..., None]
+        shown = torch.where(hole, original, torch.full_like(original, 128))
+        rows = []
+        for r in range(len(classes)):
+            rows.append(shown[None])
+            rows.append(images[r * sample.per_label : (r + 1) * sample.per_label])
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        grid_image(torch.cat(rows), rows=len(classes)).save(out)
+    return {"labels": labels.cpu(), "tokens": edited, "images": images, "keep": keep}
