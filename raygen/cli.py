@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from raygen.errors import UserError, find_user_error
@@ -18,6 +19,8 @@ from raygen.jobs import models as models_job
 from raygen.jobs import sample as sample_job
 from raygen.jobs import tokenize as tokenize_job
 from raygen.jobs import train as train_job
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 JOBS = (demo_job, tokenize_job, data_job, train_job, sample_job, models_job, config_job)
 
@@ -43,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is accepted anywhere on the line, before or after the job and its verbs.
     debug = "--debug" in argv or os.environ.get("RAYGEN_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options too (`raygen sample M --out x.png sample.top_k=5`),
+    # which argparse's positional matching does not allow on its own.
+    overrides = [a for a in extra if OVERRIDE.match(a)]
+    unknown = [a for a in extra if not OVERRIDE.match(a)]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides or []) + overrides
     if not debug:
         from raygen.platform.cluster import quiet_worker_errors
 

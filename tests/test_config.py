@@ -123,3 +123,17 @@ def test_cli_usage_error_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--no-such-flag" in err
+
+
+def test_overrides_may_follow_options(run_cli):
+    code, out, _ = run_cli("tokenize", "--dry-run", "data.rows_per_shard=9", "--tokenizer", "vq", "seed=4")
+    resolved = yaml.safe_load(out)
+    assert code == 0 and resolved["seed"] == 4 and resolved["data"]["rows_per_shard"] == 9
+
+
+def test_models_job_takes_no_overrides(capsys):
+    from raygen.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["models", "list", "seed=3"])
+    assert e.value.code == 2 and "unrecognized arguments: seed=3" in capsys.readouterr().err

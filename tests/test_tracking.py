@@ -128,3 +128,24 @@ def test_unknown_sampling_knob_is_refused(tmp_path):
     model, meta = load_export(export)
     with pytest.raises(ConfigError, match="unknown sample.knobs order for this model's generate"):
         sample_grid(model, meta, SampleConfig(labels="0", per_label=1, knobs={"order": "raster"}), None)
+
+
+def test_edit_keeps_known_tokens_and_ar_refuses(tmp_path):
+    from PIL import Image
+
+    from raygen.platform.sampling import edit_grid, load_edit_inputs
+
+    export, _ = _export(tmp_path)
+    model, meta = load_export(export)
+    img = tmp_path / "img.png"
+    Image.fromarray((torch.arange(16).reshape(4, 4) * 16).to(torch.uint8).numpy(), "L").save(img)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(((torch.arange(16).reshape(4, 4) % 4 >= 2) * 255).to(torch.uint8).numpy(), "L").save(mask)
+    tokens, keep = load_edit_inputs(meta, img, mask)
+    assert tokens.shape == (1, 4, 4) and keep.sum() == 8 and bool(keep[:, :2].all())
+    with pytest.raises(UserError, match="the ar family cannot edit"):
+        edit_grid(model, meta, tokens, keep, SampleConfig(labels="0", per_label=1), None)
+    all_black = tmp_path / "black.png"
+    Image.new("L", (4, 4), 0).save(all_black)
+    with pytest.raises(UserError, match="nothing to regenerate"):
+        load_edit_inputs(meta, img, all_black)

@@ -124,3 +124,36 @@ def test_non_finite_loss_stops_every_worker_with_a_clear_message(workdir, digits
                            "train.warmup_steps=0", "train.grad_clip=0", "tracking.run_name=nan")
     last = err.strip().splitlines()[-1]
     assert code == 2 and "the loss is not finite" in last and "lower train.lr" in last
+
+
+@pytest.mark.parametrize("family", ["arpg", "nar"])
+def test_family_trains_through_ray_and_deepspeed(family, workdir, digits8, run_cli, tmp_path):
+    code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, f"model.family={family}",
+                             "train.steps=4", "train.zero_stage=2", f"tracking.run_name={family}")
+    assert code == 0, err
+    run_id = _run_id_from(out)
+    run, metrics = _metrics(workdir, run_id)
+    assert run.info.status == "FINISHED" and metrics["train/loss"][-1][0] == 4
+    png = tmp_path / "s.png"
+    code, _, err = run_cli("sample", f"runs:/{run_id}", f"workdir={workdir}", "--labels", "0-1", "--per-label", "2",
+                           "--out", str(png))
+    assert code == 0 and png.is_file(), err
+    if family != "arpg":
+        return
+    # zero-shot editing from the same weights: regenerate the right half of a real digit as a 7
+    from PIL import Image
+
+    from raygen.platform.digits import digits_split
+
+    digit = tmp_path / "digit.png"
+    Image.fromarray(digits_split()["test_x"][0][..., 0], "L").save(digit)
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (8, 8), 0)
+    m.paste(255, (4, 0, 8, 8))
+    m.save(mask)
+    code, out, err = run_cli("sample", f"runs:/{run_id}", f"workdir={workdir}", "--edit", str(digit), "--mask",
+                             str(mask), "--labels", "7", "--per-label", "3", "--out", str(tmp_path / "edit.png"),
+                             "sample.knobs.order=raster")
+    assert code == 0 and "32 of 64 tokens regenerated" in out, err
+    code, _, err = run_cli("sample", f"runs:/{run_id}", f"workdir={workdir}", "sample.knobs.colour=red")
+    assert code == 2 and "unknown sample.knobs colour" in err

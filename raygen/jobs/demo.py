@@ -1,8 +1,9 @@
 """`raygen demo` (= `make demo`): the main job on the embedded defaults, end to end.
 
 Tokenize the bundled digits, train the raster AR on 2 workers with ZeRO-2, register the
-model as `digits-ar@latest`, write a sample grid (one row per digit) and print the class
-accuracy the held-out classifier gives it.
+model as `digits-<family>` (`models:/digits-ar@latest` by default), write a sample grid (one
+row per digit) and print the class accuracy the held-out classifier gives it. Other presets
+run the same job for other families (`raygen demo --preset arpg-digits`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import time
 from pathlib import Path
 
 from raygen.jobs.common import add_config_args, print_dry_run, resolve
-
-MODEL_NAME = "digits-ar"
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded defaults (digits, 2 workers, ZeRO-2)")
@@ -40,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, data_dir=str(data.out))
     print(f"[2/4] trained {cfg.model.family}-{cfg.model.size} for {result.steps} steps in {result.seconds:.0f} s "
           f"(run {result.run_id}, final loss {result.metrics.get('train/loss', float('nan')):.3f})")
-    version = tracking.register(result.tracking_uri, result.run_id, MODEL_NAME, "latest")
-    print(f"[3/4] registered models:/{MODEL_NAME}@latest (version {version})")
+    name = f"digits-{cfg.model.family}"
+    version = tracking.register(result.tracking_uri, result.run_id, name, "latest")
+    print(f"[3/4] registered models:/{name}@latest (version {version})")
     samples = Path(cfg.workdir) / "samples.png"
     shutil.copy(result.export_dir.parent / f"{result.export_dir.name}-samples.png", samples)
     acc = result.metrics.get("eval/class_acc")

@@ -15,7 +15,9 @@ import dataclasses
 from typing import Any
 
 from raygen.models.ar import AR_FAMILY
+from raygen.models.arpg import ARPG_FAMILY
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.nar import NAR_FAMILY
 
 MODEL_REGISTRY: dict[str, FamilySpec] = {}
 
@@ -75,6 +77,8 @@ def build_model(family: str, size: str, **overrides: Any) -> GenerativeModel:
 # --- the families --------------------------------------------------------------------------
 
 register_family(AR_FAMILY)
+register_family(ARPG_FAMILY)
+register_family(NAR_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of
@@ -84,4 +88,14 @@ PAPER_PARAMS: dict[tuple[str, str], int] = {
     ("ar", "L"): 342_910_976,
     ("ar", "XL"): 774_699_520,
     ("ar", "XXL"): 1_410_972_672,
+    # arpg: exact counts of the official ARPG class (one V+C+3-row embedding table, shared K/V)
+    ("arpg", "L"): 319_845_376,
+    ("arpg", "XL"): 718_997_760,
+    ("arpg", "XXL"): 1_302_449_664,
+    # nar: exact counts of the official NAR class (LlamaGen GPT + the vertical head block and head)
+    ("nar", "B"): 130_551_552,
+    ("nar", "M"): 295_453_696,
+    ("nar", "L"): 372_536_320,
+    ("nar", "XL"): 815_991_040,
+    ("nar", "XXL"): 1_464_454_656,
 }

@@ -1,0 +1,550 @@
+"""Family `arpg`: ARPG, randomized parallel autoregressive generation with guided decoding.
+
+A two-pass "decoder-decoder" (YOCO-style) on the LlamaGen substrate:
+
+- pass 1 (context): causal LlamaGen blocks over [class token, permuted tokens]; the final
+  hidden states go through RMSNorm and ONE shared K and ONE shared V projection. RoPE is
+  applied to K at each token's TRUE grid position (the class token keeps the zero slot).
+- pass 2 (guided decoder): every query starts as the MASK-token embedding; RoPE at the
+  TARGET position is the only thing that tells query i which token to predict. Each block
+  is pre-norm cross-attention (a Q and an output projection only) plus a SwiGLU FFN, and
+  every block attends to pass 1's shared K/V.
+
+Training draws a random order per sample and scores all N tokens in one causal pass (query
+i sees [cond, x_pi(0..i-1)]). Sampling decodes several tokens per forward pass: each step
+feeds the previous step's tokens through pass 1 (KV cache, block-wise causal), appends
+their shared K/V, and asks all of this step's MASK queries at once. The same weights edit
+images zero-shot: known tokens are fed first and the rest is generated (`edit`).
+
+One embedding table holds every input id (the official layout, which gives the paper's
+exact parameter counts): image ids [0, V), MASK = V, class c -> V + 1 + c, the null class
+V + C + 1, and one unused row (the official "none" token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.layers import (
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    TransformerBlock,
+    apply_rotary_emb,
+    init_llamagen_weights_,
+    precompute_freqs_cis_2d,
+)
+from raygen.models.sampling import cfg_mix, sample_logits
+
+SCHEDULES = ("arccos", "cosine")  # step schedules: how many tokens each step reveals
+CFG_SCHEDULES = ("linear", "constant")
+ORDERS = ("random", "raster", "spiral-in", "spiral-out", "z-curve", "alternate")
+DEFAULT_STEPS = 64  # the paper's headline setting (Table 2)
+
+# --- config and sizes -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ARPGConfig(ModelConfig):
+    """ARPG hyperparameters (defaults: ARPG-L on the VQ-16 16x16 grid, ImageNet classes)."""
+
+    dim: int = 1024  # model width D
+    n_layer: int = 24  # blocks of both passes together
+    n_cross_layer: int | None = None  # pass-2 (guided decoder) blocks; None = n_layer // 2 (12+12)
+    n_head: int = 16  # attention heads; head_dim = dim / n_head must be a multiple of 4 (2D RoPE)
+    resid_dropout: float = 0.1  # dropout on each attention output (LlamaGen resid_dropout_p)
+    ffn_dropout: float = 0.1  # dropout on each SwiGLU output (ffn_dropout_p)
+    token_dropout: float = 0.1  # dropout on pass-1 input embeddings (token_dropout_p)
+    class_dropout: float = 0.1  # P(label -> null class) in training; enables CFG
+    rope_base: float = 10000.0  # RoPE frequency base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        bad = {f: getattr(self, f) for f in ("dim", "n_layer", "n_head") if getattr(self, f) < 1}
+        if bad:
+            raise ValueError(f"ARPGConfig: these fields must be positive integers, got {bad}")
+        if not 1 <= self.n_pass2 <= self.n_layer:
+            raise ValueError(f"ARPGConfig: need 1 <= n_cross_layer <= n_layer ({self.n_layer}), got {self.n_pass2}")
+        if self.dim % self.n_head != 0:
+            raise ValueError(f"ARPGConfig: dim {self.dim} must be divisible by n_head {self.n_head}")
+        if self.head_dim % 4 != 0:
+            raise ValueError(
+                f"ARPGConfig: head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 "
+                "(2D RoPE gives a quarter of each head to rows and a quarter to columns)"
+            )
+        probs = ("resid_dropout", "ffn_dropout", "token_dropout", "class_dropout")
+        bad = {f: getattr(self, f) for f in probs if not 0.0 <= getattr(self, f) <= 1.0}
+        if bad:
+            raise ValueError(f"ARPGConfig: dropout probabilities must lie in [0, 1], got {bad}")
+        if self.rope_base <= 1.0 or self.norm_eps <= 0.0:
+            raise ValueError(f"ARPGConfig: need rope_base > 1 and norm_eps > 0, got {self.rope_base}, {self.norm_eps}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def n_pass2(self) -> int:
+        return self.n_layer // 2 if self.n_cross_layer is None else self.n_cross_layer
+
+    @property
+    def n_pass1(self) -> int:
+        return self.n_layer - self.n_pass2
+
+
+ARPG_SIZES: dict[str, ARPGConfig] = {
+    "debug": ARPGConfig(dim=128, n_layer=4, n_head=4),  # 2+2 blocks, seconds on a CPU
+    "L": ARPGConfig(dim=1024, n_layer=24, n_head=16),  # 12+12, 320M
+    "XL": ARPGConfig(dim=1280, n_layer=36, n_head=20),  # 18+18, 719M
+    "XXL": ARPGConfig(dim=1536, n_layer=48, n_head=24),  # 24+24, 1.3B
+}
+
+
+# --- generation orders and step schedules (pure functions) -------------------------------
+
+
+def generation_order(
+    name: str, grid: int, generator: torch.Generator | None = None, *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """The raster indices of a grid x grid canvas in the order they are generated, (N,) int64.
+
+    Our reading of the paper's Table 7 (the scan orders of RAR's study), documented because
+    the paper only names them:
+    - random: a uniformly random permutation from `generator` (the training distribution);
+    - raster: row by row, left to right;
+    - spiral-in: clockwise from the top-left corner along the border, ring by ring inwards;
+    - spiral-out: spiral-in reversed, from the centre outwards to the top-left corner;
+    - z-curve: Morton order (row/column bits interleaved, column as the low bit), so each
+      2x2, 4x4, ... block finishes before the next; other grid sizes sort by the same code;
+    - alternate: boustrophedon, even rows left to right and odd rows right to left.
+    """
+    n = grid * grid
+    if generator is not None and device is None:
+        device = generator.device
+    if name == "random":
+        return torch.rand(n, generator=generator, device=device).argsort()
+    if name == "raster":
+        idx = list(range(n))
+    elif name in ("spiral-in", "spiral-out"):
+        idx = _spiral_in(grid)[:: 1 if name == "spiral-in" else -1]
+    elif name == "z-curve":
+        idx = sorted(range(n), key=lambda i: _morton(i // grid, i % grid))
+    elif name == "alternate":
+        idx = [r * grid + (c if r % 2 == 0 else grid - 1 - c) for r in range(grid) for c in range(grid)]
+    else:
+        raise ValueError(f"unknown generation order '{name}'; known: {', '.join(ORDERS)}")
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _spiral_in(grid: int) -> list[int]:
+    top, left, bottom, right = 0, 0, grid - 1, grid - 1
+    out: list[int] = []
+    while top <= bottom and left <= right:
+        out += [top * grid + c for c in range(left, right + 1)]  # top row, rightwards
+        out += [r * grid + right for r in range(top + 1, bottom + 1)]  # right column, down
+        if top < bottom:
+            out += [bottom * grid + c for c in range(right - 1, left - 1, -1)]  # bottom row, leftwards
+        if left < right:
+            out += [r * grid + left for r in range(bottom - 1, top, -1)]  # left column, up
+        top, left, bottom, right = top + 1, left + 1, bottom - 1, right - 1
+    return out
+
+
+def _morton(row: int, col: int) -> int:
+    code = 0
+    for b in range(max(row, col).bit_length()):
+        code |= ((col >> b) & 1) << (2 * b) | ((row >> b) & 1) << (2 * b + 1)
+    return code
+
+
+def _known_first(order: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """order (N,), known raster positions (Bo, K) -> (Bo, N): the known ones, then the rest in order."""
+    n = order.shape[0]
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))  # position -> rank
+    unknown = torch.ones(positions.shape[0], n, dtype=torch.long, device=order.device).scatter_(1, positions, 0)
+    orders = (rank[None] + n * unknown).argsort(dim=1)  # (Bo, N)
+    orders[:, : positions.shape[1]] = positions  # in the prefix's own order (a chunk has no order)
+    return orders
+
+
+def step_sizes(n_tokens: int, steps: int, schedule: str = "arccos") -> list[int]:
+    """Tokens decoded at each step: min(steps, n_tokens) positive sizes summing to n_tokens.
+
+    The official rule: after step s (of S) a fraction r of the tokens is still masked, with
+    r = arccos((s+1)/S) / (pi/2) ("arccos", the default) or cos(pi/2 (s+1)/S) ("cosine");
+    mask_len = int(n r) clamped to [1, n - done - 1], and the last step takes the rest. We
+    also keep mask_len >= the steps still to come, so every step decodes at least one token
+    and steps == n gives exactly one per step (the official clamp alone can run out of
+    tokens before the last step when S is close to n; at 64 steps over 256 it never binds).
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown step schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    steps = min(steps, n_tokens)
+    sizes, done = [], 0
+    for s in range(steps):
+        if s == steps - 1:
+            sizes.append(n_tokens - done)
+            break
+        t = (s + 1) / steps
+        ratio = math.acos(t) / (math.pi / 2) if schedule == "arccos" else math.cos(math.pi / 2 * t)
+        mask_len = min(max(int(n_tokens * ratio), steps - s - 1), n_tokens - done - 1)
+        sizes.append(n_tokens - done - mask_len)
+        done = n_tokens - mask_len
+    return sizes
+
+
+# --- pass-2 layers -----------------------------------------------------------------------
+
+
+class GuidedAttention(nn.Module):
+    """Cross-attention with only a Q and an output projection: keys/values come from pass 1."""
+
+    def __init__(self, dim: int, n_head: int, *, resid_dropout: float = 0.0):
+        super().__init__()
+        self.n_head = n_head
+        self.head_dim = dim // n_head
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+        self.resid_dropout = nn.Dropout(resid_dropout)
+
+    def forward(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
+    ) -> torch.Tensor:
+        """x (B, L, D) queries, RoPE'd at their TARGET positions; k, v (B, H, S, K) -> (B, L, D).
+
+        causal (training, L == S): query i sees keys <= i; otherwise every key.
+        """
+        q = apply_rotary_emb(rearrange(self.wq(x), "b l (h k) -> b l h k", k=self.head_dim), freqs_cis)
+        q = rearrange(q, "b l h k -> b h l k")  # (B, H, L, K)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, K)
+        return self.resid_dropout(self.wo(rearrange(out, "b h l k -> b l (h k)")))
+
+
+class GuidedBlock(nn.Module):
+    """Pre-norm guided-decoder block: x + xattn(norm(x), K, V), then h + ffn(norm(h))."""
+
+    def __init__(self, dim: int, n_head: int, *, resid_dropout: float, ffn_dropout: float, norm_eps: float):
+        super().__init__()
+        self.attention = GuidedAttention(dim, n_head, resid_dropout=resid_dropout)
+        self.feed_forward = FeedForward(dim, dropout=ffn_dropout)
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, k, v, causal=causal)  # (B, L, D)
+        return h + self.feed_forward(self.ffn_norm(h))  # (B, L, D)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+class ARPGModel(GenerativeModel):
+    """ARPG: causal context pass -> one shared K/V -> MASK queries guided by target RoPE.
+
+    `flops_per_sample` is the base estimate with n_layer = both passes: pass 1 runs N
+    positions (cond + N-1 tokens) through n_pass1 blocks, pass 2 runs N queries through
+    n_pass2 blocks against N keys, so 6 P N + 12 n_layer D N^2 holds as for raster AR.
+    """
+
+    def __init__(self, config: ARPGConfig):
+        super().__init__()
+        self.config = c = config
+        self.mask_id = c.vocab_size  # the query token
+        self.null_id = c.vocab_size + 1 + c.num_classes  # the null class, = class id of label C
+        self.embeddings = nn.Embedding(c.vocab_size + 1 + c.num_classes + 1 + 1, c.dim)  # (last row unused)
+        self.tok_dropout = nn.Dropout(c.token_dropout)
+        block = dict(resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout, norm_eps=c.norm_eps)
+        self.self_layers = nn.ModuleList(TransformerBlock(c.dim, c.n_head, **block) for _ in range(c.n_pass1))
+        self.kv_norm = RMSNorm(c.dim, eps=c.norm_eps)
+        self.to_k = nn.Linear(c.dim, c.dim, bias=False)  # shared by every pass-2 block
+        self.to_v = nn.Linear(c.dim, c.dim, bias=False)
+        self.cross_layers = nn.ModuleList(GuidedBlock(c.dim, c.n_head, **block) for _ in range(c.n_pass2))
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
+        self.last_forward_passes = 0  # network evaluations per sample in the last generate/edit
+        self.initialize_weights()
+
+    # --- init -----------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, zero output head."""
+        init_llamagen_weights_(self)
+        nn.init.zeros_(self.output.weight)
+        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
+
+    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
+        c = self.config
+        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # Keep the cos/sin table float32 and valid after casts, moves and to_empty (as in ar).
+        super()._apply(fn, recurse)
+        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
+        return self
+
+    # --- the two passes ---------------------------------------------------------------------
+    def _context(
+        self,
+        h: torch.Tensor,
+        freqs: torch.Tensor,
+        *,
+        causal: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 1 over embeddings h (B, L, D) at positions freqs -> shared k, v (B, H, L, K)."""
+        for i, layer in enumerate(self.self_layers):
+            cache = None if caches is None else caches[i]
+            h = layer(h, freqs, attn_mask=attn_mask, causal=causal, kv_cache=cache, start_pos=start_pos)
+        h = self.kv_norm(h)  # (B, L, D)
+        k = apply_rotary_emb(rearrange(self.to_k(h), "b l (h k) -> b l h k", k=self.config.head_dim), freqs)
+        k = rearrange(k, "b l h k -> b h l k")  # RoPE at the tokens' true positions
+        v = rearrange(self.to_v(h), "b l (h k) -> b h l k", k=self.config.head_dim)
+        return k, v  # (B, H, L, K) each
+
+    def _guided(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """Pass 2: MASK queries at target positions freqs ((B|1), L, K/2, 2) -> float32 logits (B, L, V)."""
+        # a module call, not a weight lookup, so ZeRO-3 gathers the partitioned table first
+        mask = self.embeddings(torch.full((1, 1), self.mask_id, device=k.device))  # (1, 1, D)
+        x = mask.expand(k.shape[0], freqs.shape[-3], -1)  # (B, L, D): the same query everywhere
+        for layer in self.cross_layers:
+            x = layer(x, freqs, k, v, causal=causal)  # (B, L, D)
+        return self.output(self.norm(x)).float()  # (B, L, V)
+
+    def _teacher_forced(
+        self, tokens: torch.Tensor, cond: torch.Tensor, order: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N), cond ids (B,), order (B, N) -> logits (B, N, V) and targets x_order (B, N)."""
+        targets = tokens.gather(1, order)  # (B, N): x_pi
+        pos = self.freqs_cis[1:][order]  # (B, N, K/2, 2): RoPE of pi(i), the targets' positions
+        key_freqs = torch.cat([repeat(self.freqs_cis[0], "p two -> b 1 p two", b=len(order)), pos[:, :-1]], 1)
+        ids = torch.cat([cond[:, None], targets[:, :-1]], dim=1)  # (B, N): [cond, x_pi(0..N-2)]
+        k, v = self._context(self.tok_dropout(self.embeddings(ids)), key_freqs)  # (B, H, N, K)
+        return self._guided(k, v, pos, causal=True), targets  # query i sees [cond, x_pi(<i)]
+
+    def _cond_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels.long() + self.config.vocab_size + 1  # label C (the null class) -> null_id
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.long()
+        if tokens.ndim == 3:
+            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
+        if tokens.shape[-1] != self.config.seq_len:
+            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
+        return tokens
+
+    # --- training ---------------------------------------------------------------------------
+    def forward(
+        self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Random-order teacher forcing: one causal pass scores all N tokens -> {"loss", "acc"}."""
+        tokens = self._check_tokens(batch["tokens"])  # (B, N)
+        labels = batch["label"].long().reshape(-1)  # (B,)
+        b, n = tokens.shape
+        if self.training and self.config.class_dropout > 0:
+            drop = torch.rand(b, device=labels.device, generator=generator) < self.config.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.config.num_classes), labels)
+        order = torch.rand(b, n, device=tokens.device, generator=generator).argsort(dim=1)  # (B, N)
+        logits, targets = self._teacher_forced(tokens, self._cond_ids(labels), order)
+        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(targets, "b n -> (b n)"))
+        with torch.no_grad():
+            acc = (logits.argmax(dim=-1) == targets).float().mean()
+        return {"loss": loss, "acc": acc}
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, tokens: torch.Tensor, *, labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """The training pass with a given order (N,) or (B, N) -> logits (B, N, V), uncached.
+
+        Row i predicts x_{order[i]} from [cond, x_order[0..i-1]]; labels may be C (null class).
+        Call in eval mode for deterministic values (no dropout).
+        """
+        tokens = self._check_tokens(tokens)
+        order = order.to(tokens.device).long().expand(tokens.shape[0], -1)
+        return self._teacher_forced(tokens, self._cond_ids(labels.to(tokens.device)), order)[0]
+
+    # --- sampling ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        labels: torch.Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        order: str = "random",
+        schedule: str = "arccos",
+        cfg_schedule: str = "linear",
+        prefix_tokens: torch.Tensor | None = None,
+        prefix_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """labels (B,) -> ids (B, G, G) in raster layout, `steps` forward passes (default 64, <= N).
+
+        order: one of ORDERS, shared by the batch ("random" draws it from `generator`).
+        schedule: "arccos" | "cosine", tokens per step (`step_sizes`).
+        cfg_schedule: "linear" (s = 1 + (g-1) done/N after the step's tokens) | "constant".
+        prefix_tokens (B, K) with raster positions prefix_positions (K,) or (B, K): known
+        tokens, fed with the class token in the first pass; only the rest is generated and
+        the known tokens come back unchanged (see `edit`).
+        Sets `last_forward_passes` (network evaluations per sample, = the number of steps).
+        """
+        self.check_generator(generator)
+        checks = ((schedule, SCHEDULES, "step schedule"), (cfg_schedule, CFG_SCHEDULES, "cfg_schedule"))
+        for value, known, what in checks:
+            if value not in known:
+                raise ValueError(f"unknown {what} '{value}'; known: {', '.join(known)}")
+        if steps is not None and steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None for {DEFAULT_STEPS}), got {steps}")
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        with self.evaluating():
+            labels = self.check_labels(labels)  # (B,)
+            orders = generation_order(order, self.config.grid_size, generator, device=labels.device)[None]  # (1, N)
+            prefix = None
+            if prefix_tokens is not None:
+                prefix, positions = self._check_prefix(prefix_tokens, prefix_positions, len(labels))  # (B, K), (Bo, K)
+                orders = _known_first(orders[0], positions)  # (Bo, N)
+            return self._decode(labels, orders, prefix, steps, cfg_scale, cfg_schedule, schedule, sampling)
+
+    def _check_prefix(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.config.seq_len
+        if positions is None:
+            raise ValueError("prefix_tokens needs prefix_positions (their raster indices)")
+        tokens = torch.as_tensor(tokens, device=self.device).long()
+        positions = torch.as_tensor(positions, device=self.device).long()
+        positions = positions[None] if positions.ndim == 1 else positions  # (Bo, K)
+        if tokens.ndim != 2 or tokens.shape[0] != batch_size or tokens.shape[1] != positions.shape[1]:
+            raise ValueError(f"prefix_tokens must be (B={batch_size}, K) with K = len(prefix_positions), "
+                             f"got {tuple(tokens.shape)} and positions {tuple(positions.shape)}")
+        if positions.shape[0] not in (1, batch_size):
+            raise ValueError(f"prefix_positions must be (K,) or (B, K), got {tuple(positions.shape)}")
+        if positions.numel() and (positions.min() < 0 or positions.max() >= n):
+            raise ValueError(f"prefix_positions must lie in [0, {n})")
+        srt = positions.sort(dim=1).values
+        if (srt[:, 1:] == srt[:, :-1]).any():
+            raise ValueError("prefix_positions repeat a position")
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise ValueError(f"prefix_tokens must lie in [0, {self.config.vocab_size})")
+        return tokens, positions
+
+    def _decode(
+        self,
+        labels: torch.Tensor,
+        orders: torch.Tensor,
+        prefix: torch.Tensor | None,
+        steps: int | None,
+        cfg_scale: float,
+        cfg_schedule: str,
+        schedule: str,
+        sampling: dict,
+    ) -> torch.Tensor:
+        """The parallel decoding loop; orders (Bo, N) with Bo in {1, B}, prefix (B, K) at orders[:, :K]."""
+        c = self.config
+        n, b = c.seq_len, labels.shape[0]
+        known = 0 if prefix is None else prefix.shape[1]
+        sizes = step_sizes(n - known, DEFAULT_STEPS if steps is None else steps, schedule)
+        self.last_forward_passes = len(sizes)
+        seq = torch.empty(b, n, dtype=torch.long, device=labels.device)  # tokens in decoding order
+        if prefix is not None:
+            seq[:, :known] = prefix
+        guided = cfg_scale != 1.0
+        two = 2 if guided else 1
+        cond = self._cond_ids(labels)  # (B,)
+        if guided:
+            cond = torch.cat([cond, torch.full_like(cond, self.null_id)])  # (2B,)
+        pos = self.freqs_cis[1:][orders]  # (Bo, N, K/2, 2)
+        if guided and pos.shape[0] > 1:
+            pos = repeat(pos, "b ... -> (two b) ...", two=2)  # the null half uses the same orders
+        b2, bo = cond.shape[0], pos.shape[0]
+        dtype, device = self.activation_dtype(), labels.device
+        caches = [KVCache(b2, c.n_head, n, c.head_dim, dtype=dtype, device=device) for _ in self.self_layers]
+        shared = KVCache(b2, c.n_head, n, c.head_dim, dtype=dtype, device=device)  # pass 2's keys/values
+
+        # step 0 feeds the class token (+ the known tokens, which see it; it sees only itself)
+        fed = cond[:, None]  # (B2, L)
+        fed_freqs = repeat(self.freqs_cis[0], "p two -> b 1 p two", b=bo)  # (Bo, L, K/2, 2)
+        attn_mask = None
+        if known:
+            fed = torch.cat([fed, repeat(prefix, "b k -> (two b) k", two=two)], dim=1)
+            fed_freqs = torch.cat([fed_freqs, pos[:, :known]], dim=1)
+            attn_mask = torch.ones(known + 1, known + 1, dtype=torch.bool, device=device)
+            attn_mask[0, 1:] = False
+        start, done = 0, known
+        for n_pred in sizes:
+            h = self.embeddings(fed)  # (B2, L, D)
+            k, v = self._context(h, fed_freqs, causal=False, attn_mask=attn_mask, caches=caches, start_pos=start)
+            k, v = shared.update(start, k, v)  # (B2, H, S, K): everything fed so far
+            start += fed.shape[1]
+            q_freqs = pos[:, done : done + n_pred]  # (Bo, n_pred, K/2, 2): targets' positions
+            logits = self._guided(k, v, q_freqs, causal=False)  # (B2, n_pred, V)
+            done += n_pred
+            if guided:
+                scale = 1.0 + (cfg_scale - 1.0) * done / n if cfg_schedule == "linear" else cfg_scale
+                logits = cfg_mix(*logits.chunk(2), scale)  # (B, n_pred, V)
+            tokens = sample_logits(logits, **sampling)  # (B, n_pred)
+            seq[:, done - n_pred : done] = tokens
+            fed = repeat(tokens, "b l -> (two b) l", two=two)  # both halves see the same tokens
+            fed_freqs, attn_mask = q_freqs, None
+        raster = torch.empty_like(seq).scatter_(1, orders.expand(b, n), seq)  # un-permute
+        return rearrange(raster, "b (r c) -> b r c", r=c.grid_size)
+
+    def edit(
+        self,
+        labels: torch.Tensor,
+        tokens: torch.Tensor,
+        keep: torch.Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        order: str = "random",
+        schedule: str = "arccos",
+        cfg_schedule: str = "linear",
+    ) -> torch.Tensor:
+        """Zero-shot editing: keep tokens (B, G, G) where keep (G, G) or (B, G, G) is True, regenerate the rest.
+
+        Inpainting keeps the outside of a hole, outpainting keeps a crop, class-conditional
+        editing regenerates a region under another label. Returns (B, G, G) ids with every
+        kept token unchanged. The CFG ramp counts kept tokens as done (the guidance tracks how
+        much of the canvas is fixed). Per-sample masks with different kept counts are decoded
+        in groups of equal count (one batch per group).
+        """
+        g = self.config.grid_size
+        tokens = self._check_tokens(torch.as_tensor(tokens, device=self.device))  # (B, N)
+        keep = torch.as_tensor(keep, device=tokens.device).bool()
+        if keep.shape[-2:] != (g, g) or keep.ndim not in (2, 3):
+            raise ValueError(f"keep must be ({g}, {g}) or (B, {g}, {g}) booleans, got {tuple(keep.shape)}")
+        keep = rearrange(keep, "... r c -> ... (r c)").expand_as(tokens)  # (B, N)
+        labels = self.check_labels(labels)
+        knobs = dict(cfg_scale=cfg_scale, steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                     generator=generator, order=order, schedule=schedule, cfg_schedule=cfg_schedule)
+        out = torch.empty(tokens.shape[0], g, g, dtype=torch.long, device=tokens.device)
+        counts = keep.sum(dim=1)  # (B,)
+        for count in counts.unique().tolist():
+            rows = (counts == count).nonzero()[:, 0]  # samples with this many kept tokens
+            positions = keep[rows].nonzero()[:, 1].reshape(len(rows), count)  # (b, K) raster indices
+            prefix = tokens[rows].gather(1, positions)  # (b, K)
+            out[rows] = self.generate(labels[rows], prefix_tokens=prefix, prefix_positions=positions, **knobs)
+        return out
+
+
+ARPG_FAMILY = FamilySpec(family="arpg", model_cls=ARPGModel, config_cls=ARPGConfig, sizes=ARPG_SIZES)

@@ -1,0 +1,388 @@
+"""Family `nar`: Neighboring Autoregressive modeling (NAR, arXiv 2503.10696), next-neighbour prediction.
+
+A LlamaGen GPT reads [class token, x_0, ..., x_{N-1}] in raster order (all N tokens are input)
+under a *proximity-aware* mask: token (h, w) sits at Manhattan distance h + w from the first
+token and attends to every token at distance <= h + w (plus the class token), so attention is
+causal across anti-diagonals and bidirectional within one. Two dimension-oriented heads read
+the result:
+
+    horizontal head  norm -> output                              predicts the right neighbour (h, w+1)
+    vertical head    one extra TransformerBlock -> norm -> output  predicts the one below (h+1, w)
+
+The logits that score x_(h, w) are R of the left neighbour in row 0, B of the upper neighbour
+in column 0, and the mean of both logit vectors inside the grid; the class position's R and B
+are averaged to score x_(0, 0). Sampling therefore makes a whole anti-diagonal per forward
+pass: 2g - 1 passes for a g x g grid (31 for 16 x 16) instead of g**2.
+
+Module names follow the official NAR code (`layers.{n_layer}` is the vertical head block,
+`medusa_norm`/`medusa_output` its norm and head), so the state dict has its keys and shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from raygen.models.ar import ARConfig
+from raygen.models.base import FamilySpec, GenerativeModel
+from raygen.models.layers import (
+    KVCache,
+    LabelEmbedder,
+    RMSNorm,
+    TransformerBlock,
+    init_llamagen_weights_,
+    precompute_freqs_cis_2d,
+)
+from raygen.models.sampling import cfg_mix, sample_logits
+
+# --- the proximity mask and the decoding schedule -------------------------------------------
+
+
+def proximity_mask(grid: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(N + 1, N + 1) bool, True = attend, over [class token, raster tokens], N = grid**2.
+
+    Token (h, w) attends to every token (h', w') with h' + w' <= h + w and to the class
+    token; the class token attends only to itself (it gets distance -1).
+    """
+    rows = torch.arange(grid, device=device)
+    dist = rearrange(rows[:, None] + rows[None, :], "h w -> (h w)")  # (N,)
+    dist = torch.cat([torch.full((1,), -1, device=device, dtype=dist.dtype), dist])  # (N + 1,)
+    return dist[None, :] <= dist[:, None]  # (query, key)
+
+
+def diagonal(grid: int, k: int) -> list[int]:
+    """Raster indices of anti-diagonal k (h + w = k), ordered by increasing row."""
+    return [h * grid + (k - h) for h in range(max(0, k - grid + 1), min(k, grid - 1) + 1)]
+
+
+def decode_schedule(grid: int) -> list[tuple[list[int], list[int]]]:
+    """(fed, made) raster indices of each of the 2g - 1 forward passes.
+
+    Pass 0 feeds only the class token and makes x_(0,0); pass k feeds diagonal k - 1 and
+    makes diagonal k. While diagonal k grows (k < g) it has one token more than its input:
+    the first comes from R of the first input, the last from B of the last input and token
+    i + 1 from mean(B of input i, R of input i + 1). Once it shrinks (k >= g) every made
+    token has both an upper and a left neighbour, so made token i = mean(B of input i, R of
+    input i + 1) and the first and last rules no longer apply.
+    """
+    return [([], [0])] + [(diagonal(grid, k - 1), diagonal(grid, k)) for k in range(1, 2 * grid - 1)]
+
+
+def neighbour_logits(logits_r: torch.Tensor, logits_b: torch.Tensor, grid: int) -> torch.Tensor:
+    """Head logits (B, N + 1, V) over [class, raster tokens] -> logits scoring x (B, N, V).
+
+    x_(0,0): mean(R, B) at the class position; row 0: R of the left neighbour; column 0: B
+    of the upper neighbour; elsewhere the mean of those two logit vectors (not probabilities).
+    R of the last column and B of the last row point outside the grid and are unused.
+    """
+    r = rearrange(logits_r[:, 1:], "b (h w) v -> b h w v", h=grid)  # (B, G, G, V)
+    b = rearrange(logits_b[:, 1:], "b (h w) v -> b h w v", h=grid)
+    out = torch.empty_like(r)  # (B, G, G, V), indexed by the target
+    out[:, 0, 0] = (logits_r[:, 0] + logits_b[:, 0]) / 2
+    out[:, 0, 1:] = r[:, 0, :-1]
+    out[:, 1:, 0] = b[:, :-1, 0]
+    out[:, 1:, 1:] = (r[:, 1:, :-1] + b[:, :-1, 1:]) / 2
+    return rearrange(out, "b h w v -> b (h w) v")
+
+
+def _diagonal_logits(logits_r: torch.Tensor, logits_b: torch.Tensor, *, growing: bool) -> torch.Tensor:
+    """Head logits (B, L, V) of a fed diagonal -> logits of the next one (B, L +- 1, V)."""
+    middle = (logits_b[:, :-1] + logits_r[:, 1:]) / 2  # (B, L - 1, V)
+    if not growing:
+        return middle
+    return torch.cat([logits_r[:, :1], middle, logits_b[:, -1:]], dim=1)  # (B, L + 1, V)
+
+
+# --- a KV cache that writes scattered positions ---------------------------------------------
+
+
+class Slots(NamedTuple):
+    """Cache slots of one decoding pass: where to write, and how many leading slots to read."""
+
+    index: torch.Tensor  # (L,) int64 cache indices (raster index + 1), on the cache's device
+    end: int  # read keys/values [0, end): every slot a query may attend to lies below it
+
+
+class ScatterKVCache(KVCache):
+    """A KVCache whose `update` also takes `Slots`: a diagonal is not a contiguous range.
+
+    Zero-initialised: slots not yet written (holes below `end`) are masked out, but a
+    garbage NaN there would still poison the weighted sum of values.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.k.zero_()
+        self.v.zero_()
+
+    def update(self, start_pos: int | Slots, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, K) at `start_pos` (an int: contiguous) or at `Slots`; return [0, end)."""
+        if not isinstance(start_pos, Slots):
+            return super().update(start_pos, k, v)
+        self.k.index_copy_(2, start_pos.index, k)
+        self.v.index_copy_(2, start_pos.index, v)
+        return self.k[:, :, : start_pos.end], self.v[:, :, : start_pos.end]  # (B, H, S, K) views
+
+    def keep_batch(self, n: int) -> None:
+        """Keep the first n samples (drop the null-class half once guidance stops)."""
+        self.k, self.v = self.k[:n], self.v[:n]
+
+
+# --- config and sizes -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NARConfig(ARConfig):
+    """LlamaGen GPT hyperparameters; n_layer counts backbone blocks, the vertical head adds one."""
+
+
+NAR_SIZES: dict[str, NARConfig] = {
+    "debug": NARConfig(dim=128, n_layer=4, n_head=4),  # seconds on a CPU
+    "B": NARConfig(dim=768, n_layer=12, n_head=12),  # 130.6M
+    "M": NARConfig(dim=1024, n_layer=18, n_head=16),  # 295.5M (the paper rounds to 290M)
+    "L": NARConfig(dim=1024, n_layer=24, n_head=16),  # 372.5M
+    "XL": NARConfig(dim=1280, n_layer=36, n_head=20),  # 816.0M
+    "XXL": NARConfig(dim=1536, n_layer=48, n_head=24),  # 1.46B
+}
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class NARModel(GenerativeModel):
+    """LlamaGen GPT under the proximity mask, with horizontal (R) and vertical (B) heads."""
+
+    def __init__(self, config: NARConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
+        self.tok_dropout = nn.Dropout(c.token_dropout)
+        self.layers = nn.ModuleList(  # n_layer backbone blocks, then the vertical head's block
+            TransformerBlock(
+                c.dim, c.n_head, resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout, norm_eps=c.norm_eps
+            )
+            for _ in range(c.n_layer + 1)
+        )
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps)  # horizontal head
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.medusa_norm = RMSNorm(c.dim, eps=c.norm_eps)  # vertical head
+        self.medusa_output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        # Derived tables, not saved in checkpoints and rebuilt by `_apply` after any move.
+        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
+        self.register_buffer("attn_mask", proximity_mask(c.grid_size), persistent=False)
+        self.last_forward_passes = 0  # forward passes of the last generate() call (benchmarks read it)
+        self.initialize_weights()
+
+    @property
+    def head_block(self) -> TransformerBlock:
+        """The vertical head's transformer block (stacked after the backbone)."""
+        return self.layers[-1]
+
+    # --- init -----------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, both output heads zero."""
+        init_llamagen_weights_(self)
+        nn.init.zeros_(self.output.weight)
+        nn.init.zeros_(self.medusa_output.weight)
+        self._rebuild_tables()
+
+    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
+        c = self.config
+        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
+
+    def _rebuild_tables(self) -> None:
+        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
+        self.attn_mask = proximity_mask(self.config.grid_size, device=self.attn_mask.device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # A cast would round the float32 cos/sin table and to_empty() leaves both tables
+        # garbage: recompute them on the buffers' new device after any move or cast.
+        super()._apply(fn, recurse)
+        self._rebuild_tables()
+        return self
+
+    def flops_per_sample(self) -> float:
+        """As the base estimate, over N + 1 positions and n_layer + 1 blocks."""
+        c = self.config
+        length, depth = c.seq_len + 1, c.n_layer + 1
+        return float(6 * self.num_params(non_embedding=True) * length + 12 * depth * c.dim * length**2)
+
+    # --- shared pieces of training and sampling ---------------------------------------------
+    def _heads(
+        self,
+        h: torch.Tensor,
+        *,
+        freqs: torch.Tensor,
+        mask: torch.Tensor,
+        caches: list[ScatterKVCache] | None = None,
+        slots: Slots | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, D) -> float32 (R, B) logits (B, L, V) each.
+
+        freqs (L, K/2, 2) and mask (L, S) rows belong to the L positions; with caches, the
+        keys/values go to `slots` and the mask's S columns are cache slots [0, slots.end).
+        """
+        for i, layer in enumerate(self.layers):
+            cache = None if caches is None else caches[i]
+            if i == self.config.n_layer:  # the backbone output feeds both heads
+                logits_r = self.output(self.norm(h)).float()  # (B, L, V)
+            h = layer(h, freqs, attn_mask=mask, kv_cache=cache, start_pos=0 if slots is None else slots)
+        logits_b = self.medusa_output(self.medusa_norm(h)).float()  # (B, L, V)
+        return logits_r, logits_b
+
+    def _embed(
+        self, tokens: torch.Tensor, *, labels: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[class token, tokens] -> (B, 1 + n, D) input embeddings."""
+        cond = self.cls_embedding(labels, train=train, generator=generator)  # (B, 1, D)
+        return self.tok_dropout(torch.cat([cond, self.tok_embeddings(tokens)], dim=1))  # (B, 1 + n, D)
+
+    def _new_caches(self, batch_size: int) -> list[ScatterKVCache]:
+        c = self.config
+        dtype, device = self.activation_dtype(), self.device
+        return [
+            ScatterKVCache(batch_size, c.n_head, c.seq_len + 1, c.head_dim, dtype=dtype, device=device)
+            for _ in self.layers
+        ]
+
+    def _flat_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.long()
+        if tokens.ndim == 3:
+            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
+        if tokens.ndim != 2 or tokens.shape[1] != self.config.seq_len:
+            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
+        return tokens
+
+    # --- training ---------------------------------------------------------------------------
+    def forward(
+        self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Next-neighbour loss: one cross-entropy over all N tokens on the mixed R/B logits."""
+        tokens = self._flat_tokens(batch["tokens"])  # (B, N)
+        labels = batch["label"].long().reshape(-1)  # (B,)
+        h = self._embed(tokens, labels=labels, train=self.training, generator=generator)  # (B, N + 1, D)
+        logits_r, logits_b = self._heads(h, freqs=self.freqs_cis, mask=self.attn_mask)  # (B, N + 1, V) each
+        logits = neighbour_logits(logits_r, logits_b, self.config.grid_size)  # (B, N, V)
+        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(tokens, "b n -> (b n)"))
+        with torch.no_grad():
+            acc = (logits.argmax(dim=-1) == tokens).float().mean()
+        return {"loss": loss, "acc": acc}
+
+    # --- sampling ---------------------------------------------------------------------------
+    def _decode(
+        self,
+        labels: torch.Tensor,
+        *,
+        cfg_scale: float,
+        cfg_interval: int,
+        pick: Callable[[torch.Tensor, list[int]], torch.Tensor],
+    ) -> torch.Tensor:
+        """The 2g - 1 cached passes; pick(logits (B, L, V), made raster ids) -> ids (B, L)."""
+        c = self.config
+        guided = cfg_scale != 1.0
+        b = labels.shape[0]
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, self.cls_embedding.null_id)])  # (2B,)
+        caches = self._new_caches(labels.shape[0])
+        out = torch.zeros(b, c.seq_len, dtype=torch.long, device=labels.device)  # (B, N) raster
+        made_so_far, passes = 0, 0
+        for k, (fed, made) in enumerate(decode_schedule(c.grid_size)):
+            if guided and cfg_interval > -1 and made_so_far > cfg_interval:  # guidance off from here on
+                guided = False
+                for cache in caches:
+                    cache.keep_batch(b)
+            if k == 0:
+                h = self.cls_embedding(labels, train=False)  # (B2, 1, D)
+                index = torch.zeros(1, dtype=torch.long, device=out.device)
+            else:
+                index = torch.tensor(fed, device=out.device)  # (L,) raster ids
+                ids = out.index_select(1, index)  # (B, L)
+                h = self.tok_embeddings(repeat(ids, "b l -> (two b) l", two=2) if guided else ids)  # (B2, L, D)
+                index = index + 1  # cache slots
+            slots = Slots(index, end=max(fed, default=-1) + 2)
+            freqs = self.freqs_cis.index_select(0, index)  # (L, K/2, 2)
+            mask = self.attn_mask.index_select(0, index)[:, : slots.end]  # (L, S)
+            logits_r, logits_b = self._heads(h, freqs=freqs, mask=mask, caches=caches, slots=slots)
+            passes += 1
+            if k == 0:
+                logits = (logits_r + logits_b) / 2  # (B2, 1, V)
+            else:
+                logits = _diagonal_logits(logits_r, logits_b, growing=k < c.grid_size)  # (B2, L', V)
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = cfg_mix(cond, uncond, cfg_scale)  # (B, L', V)
+            out[:, made] = pick(logits, made)  # (B, L')
+            made_so_far += len(made)
+        self.last_forward_passes = passes
+        return out
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        labels: torch.Tensor,
+        *,
+        cfg_scale: float = 1.0,
+        steps: int | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        cfg_interval: int = -1,
+    ) -> torch.Tensor:
+        """labels (B,) -> ids (B, G, G): 2G - 1 cached passes, one anti-diagonal each.
+
+        cfg_scale == 1 runs the conditional batch alone; otherwise the batch is doubled with
+        the null class and logits = uncond + cfg_scale * (cond - uncond). cfg_interval = -1
+        guides every pass; cfg_interval = n stops guiding (and drops the null half) before
+        the first pass that starts with more than n tokens already made.
+        """
+        c = self.config
+        n_steps = 2 * c.grid_size - 1
+        if steps is not None and steps != n_steps:
+            raise ValueError(f"NAR decodes one anti-diagonal per step: steps must be {n_steps} (or None), got {steps}")
+        self.check_generator(generator)
+
+        def pick(logits: torch.Tensor, made: list[int]) -> torch.Tensor:
+            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+        with self.evaluating():
+            labels = self.check_labels(labels)  # (B,)
+            out = self._decode(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, pick=pick)  # (B, N)
+            return rearrange(out, "b (r c) -> b r c", r=c.grid_size)
+
+    @torch.inference_mode()
+    def logits_uncached(self, tokens: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
+        """One masked pass over [class, tokens (B, N)] -> the logits scoring each x (B, N, V).
+
+        Call in eval mode for deterministic values (no dropout).
+        """
+        h = self._embed(self._flat_tokens(tokens), labels=labels.long(), train=False)  # (B, N + 1, D)
+        logits_r, logits_b = self._heads(h, freqs=self.freqs_cis, mask=self.attn_mask)
+        return neighbour_logits(logits_r, logits_b, self.config.grid_size)  # (B, N, V)
+
+    @torch.inference_mode()
+    def logits_cached(
+        self, tokens: torch.Tensor, *, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1
+    ) -> torch.Tensor:
+        """The sampler's path teacher-forced on tokens (B, N): guided logits scoring each x (B, N, V)."""
+        tokens = self._flat_tokens(tokens)  # (B, N)
+        out = torch.empty(*tokens.shape, self.config.vocab_size, device=tokens.device)  # (B, N, V)
+
+        def pick(logits: torch.Tensor, made: list[int]) -> torch.Tensor:
+            out[:, made] = logits
+            return tokens[:, made]
+
+        with self.evaluating():
+            self._decode(labels.long(), cfg_scale=cfg_scale, cfg_interval=cfg_interval, pick=pick)
+        return out
+
+
+NAR_FAMILY = FamilySpec(family="nar", model_cls=NARModel, config_cls=NARConfig, sizes=NAR_SIZES)
