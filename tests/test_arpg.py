@@ -238,10 +238,12 @@ def _cfg(logits_fn, tokens, labels, i, cfg_scale, cfg_schedule):
 
 
 @pytest.mark.parametrize(
-    "cfg_scale,cfg_schedule,order", [(1.0, "linear", "raster"), (2.0, "linear", "raster"), (2.0, "constant", "z-curve")]
+    "cfg_scale,cfg_schedule,order,class_rope",
+    [(1.0, "linear", "raster", "zero"), (2.0, "linear", "raster", "zero"), (2.0, "constant", "z-curve", "zero"),
+     (2.0, "linear", "raster", "origin")],
 )
-def test_one_token_per_step_equals_uncached_greedy(cfg_scale, cfg_schedule, order):
-    model = _model(seed=2)
+def test_one_token_per_step_equals_uncached_greedy(cfg_scale, cfg_schedule, order, class_rope):
+    model = _model(seed=2, class_rope=class_rope)
     labels = torch.tensor([0, 3, 7])
     got = model.generate(labels, cfg_scale=cfg_scale, steps=N, temperature=0.0, order=order, cfg_schedule=cfg_schedule)
     assert got.shape == (3, 4, 4) and got.dtype == torch.int64 and model.last_forward_passes == N
@@ -393,3 +395,18 @@ def test_edit_is_conditioned_on_the_kept_tokens():
     got = model.generate(torch.tensor([1, 1, 1]), steps=8, temperature=0.0, order="z-curve",
                          prefix_tokens=a.flatten(1)[:, pos], prefix_positions=pos)
     assert torch.equal(got, run(a))
+
+
+def test_class_rope_origin_gives_queries_their_absolute_position():
+    zero, origin = _model(seed=5), _model(seed=5, class_rope="origin")
+    assert origin.num_params() == zero.num_params()
+    assert torch.equal(origin.freqs_cis[0], origin.freqs_cis[1]) and not zero.freqs_cis[0].any()
+    # The second query of orders starting at cell 0 and at cell 5 has the same relative view
+    # (one known token, one cell to its left): "zero" cannot tell the two apart, "origin" can.
+    tokens, labels = torch.zeros(1, N, dtype=torch.long), torch.tensor([1])
+    for model, differs in ((zero, False), (origin, True)):
+        second = [model.teacher_forced_logits(tokens, labels=labels, order=torch.roll(torch.arange(N), -p)[None])[0, 1]
+                  for p in (0, 5)]
+        assert (not torch.allclose(second[0], second[1], atol=1e-5)) == differs
+    with pytest.raises(ValueError, match="class_rope"):
+        _model(class_rope="middle")

@@ -65,6 +65,13 @@ class ARPGConfig(ModelConfig):
     class_dropout: float = 0.1  # P(label -> null class) in training; enables CFG
     rope_base: float = 10000.0  # RoPE frequency base
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    # RoPE slot of the class token. "zero" is ARPG's (and LlamaGen's) choice: zero cos/sin, so
+    # the class token's key is the zero vector and every attention score is relative; no query
+    # can learn its absolute grid position. "origin" rotates the class token like grid cell
+    # (0, 0), so each query's score against it depends on the query's absolute position.
+    # [I] a raygen option, not in the paper; it changes no parameter count. Small grids whose
+    # content is anchored to the canvas (the 8x8 digits) learn far faster with it.
+    class_rope: str = "zero"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +82,8 @@ class ARPGConfig(ModelConfig):
             raise ValueError(f"ARPGConfig: need 1 <= n_cross_layer <= n_layer ({self.n_layer}), got {self.n_pass2}")
         if self.dim % self.n_head != 0:
             raise ValueError(f"ARPGConfig: dim {self.dim} must be divisible by n_head {self.n_head}")
+        if self.class_rope not in ("zero", "origin"):
+            raise ValueError(f"ARPGConfig: class_rope must be 'zero' or 'origin', got {self.class_rope!r}")
         if self.head_dim % 4 != 0:
             raise ValueError(
                 f"ARPGConfig: head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 "
@@ -286,7 +295,10 @@ class ARPGModel(GenerativeModel):
 
     def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
         c = self.config
-        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
+        table = precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
+        if c.class_rope == "origin":
+            table[0] = table[1]  # the class slot takes cell (0, 0)'s rotation (angle 0)
+        return table
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # Keep the cos/sin table float32 and valid after casts, moves and to_empty (as in ar).
