@@ -51,20 +51,20 @@ class ARConfig(ModelConfig):
         super().__post_init__()
         bad = {f: getattr(self, f) for f in ("dim", "n_layer", "n_head") if getattr(self, f) < 1}
         if bad:
-            raise ValueError(f"ARConfig: these fields must be positive integers, got {bad}")
+            raise ValueError(f"{type(self).__name__}: these fields must be positive integers, got {bad}")
         if self.dim % self.n_head != 0:
-            raise ValueError(f"ARConfig: dim {self.dim} must be divisible by n_head {self.n_head}")
+            raise ValueError(f"{type(self).__name__}: dim {self.dim} must be divisible by n_head {self.n_head}")
         if self.head_dim % 4 != 0:
             raise ValueError(
-                f"ARConfig: head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 "
+                f"{type(self).__name__}: head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 "
                 "(2D RoPE gives a quarter of each head to rows and a quarter to columns)"
             )
         probs = ("resid_dropout", "ffn_dropout", "token_dropout", "class_dropout")
         bad = {f: getattr(self, f) for f in probs if not 0.0 <= getattr(self, f) <= 1.0}
         if bad:
-            raise ValueError(f"ARConfig: dropout probabilities must lie in [0, 1], got {bad}")
+            raise ValueError(f"{type(self).__name__}: dropout probabilities must lie in [0, 1], got {bad}")
         if self.rope_base <= 1.0 or self.norm_eps <= 0.0:
-            raise ValueError(f"ARConfig: need rope_base > 1 and norm_eps > 0, got {self.rope_base}, {self.norm_eps}")
+            raise ValueError(f"{type(self).__name__}: need rope_base > 1 and norm_eps > 0, got {self.rope_base}, {self.norm_eps}")
 
     @property
     def head_dim(self) -> int:

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.ar import ARConfig
+from raygen.models.base import FamilySpec, GenerativeModel
 from raygen.models.layers import (
     FeedForward,
     KVCache,
@@ -52,19 +53,17 @@ DEFAULT_STEPS = 64  # the paper's headline setting (Table 2)
 
 
 @dataclasses.dataclass
-class ARPGConfig(ModelConfig):
-    """ARPG hyperparameters (defaults: ARPG-L on the VQ-16 16x16 grid, ImageNet classes)."""
+class ARPGConfig(ARConfig):
+    """ARPG hyperparameters (defaults: ARPG-L on the VQ-16 16x16 grid, ImageNet classes).
+
+    The LlamaGen fields and their checks come from ARConfig; `n_layer` counts the blocks of
+    both passes together and token_dropout applies to pass 1's input embeddings.
+    """
 
     dim: int = 1024  # model width D
     n_layer: int = 24  # blocks of both passes together
+    n_head: int = 16  # attention heads
     n_cross_layer: int | None = None  # pass-2 (guided decoder) blocks; None = n_layer // 2 (12+12)
-    n_head: int = 16  # attention heads; head_dim = dim / n_head must be a multiple of 4 (2D RoPE)
-    resid_dropout: float = 0.1  # dropout on each attention output (LlamaGen resid_dropout_p)
-    ffn_dropout: float = 0.1  # dropout on each SwiGLU output (ffn_dropout_p)
-    token_dropout: float = 0.1  # dropout on pass-1 input embeddings (token_dropout_p)
-    class_dropout: float = 0.1  # P(label -> null class) in training; enables CFG
-    rope_base: float = 10000.0  # RoPE frequency base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
     # RoPE slot of the class token. "zero" is ARPG's (and LlamaGen's) choice: zero cos/sin, so
     # the class token's key is the zero vector and every attention score is relative; no query
     # can learn its absolute grid position. "origin" rotates the class token like grid cell
@@ -75,30 +74,10 @@ class ARPGConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        bad = {f: getattr(self, f) for f in ("dim", "n_layer", "n_head") if getattr(self, f) < 1}
-        if bad:
-            raise ValueError(f"ARPGConfig: these fields must be positive integers, got {bad}")
         if not 1 <= self.n_pass2 <= self.n_layer:
             raise ValueError(f"ARPGConfig: need 1 <= n_cross_layer <= n_layer ({self.n_layer}), got {self.n_pass2}")
-        if self.dim % self.n_head != 0:
-            raise ValueError(f"ARPGConfig: dim {self.dim} must be divisible by n_head {self.n_head}")
         if self.class_rope not in ("zero", "origin"):
             raise ValueError(f"ARPGConfig: class_rope must be 'zero' or 'origin', got {self.class_rope!r}")
-        if self.head_dim % 4 != 0:
-            raise ValueError(
-                f"ARPGConfig: head_dim = dim / n_head = {self.head_dim} must be a multiple of 4 "
-                "(2D RoPE gives a quarter of each head to rows and a quarter to columns)"
-            )
-        probs = ("resid_dropout", "ffn_dropout", "token_dropout", "class_dropout")
-        bad = {f: getattr(self, f) for f in probs if not 0.0 <= getattr(self, f) <= 1.0}
-        if bad:
-            raise ValueError(f"ARPGConfig: dropout probabilities must lie in [0, 1], got {bad}")
-        if self.rope_base <= 1.0 or self.norm_eps <= 0.0:
-            raise ValueError(f"ARPGConfig: need rope_base > 1 and norm_eps > 0, got {self.rope_base}, {self.norm_eps}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
 
     @property
     def n_pass2(self) -> int:
