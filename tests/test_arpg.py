@@ -263,28 +263,29 @@ def test_parallel_steps_equal_an_uncached_block_causal_pass(cfg_scale):
     labels = torch.tensor([1, 4])
     g = torch.Generator().manual_seed(5)
     got = model.generate(labels, cfg_scale=cfg_scale, steps=5, temperature=0.0, generator=g)
-    order = generation_order("random", 4, torch.Generator().manual_seed(5))
+    order = torch.rand(2, N, generator=torch.Generator().manual_seed(5)).argsort(dim=1)  # one per sample
     sizes = step_sizes(N, 5, "arccos")
     guided = cfg_scale != 1.0
     cond = model._cond_ids(torch.cat([labels, torch.full_like(labels, 10)]) if guided else labels)
     fed, block = cond[:, None], [0]  # ids in feeding order and each one's chunk index
-    pos = model.freqs_cis[1:][order]  # (N, K/2, 2)
+    pos = model.freqs_cis[1:][order.repeat(2, 1) if guided else order]  # (B2, N, K/2, 2); null half = same orders
     seq = torch.empty(2, 0, dtype=torch.long)
     with torch.inference_mode():
         for s, n_pred in enumerate(sizes):
             chunks = torch.tensor(block)
             mask = chunks[:, None] >= chunks[None, :]  # a chunk sees itself and everything before
-            freqs = torch.cat([model.freqs_cis[:1], pos[: fed.shape[1] - 1]])
+            cls = model.freqs_cis[:1].expand(pos.shape[0], 1, -1, -1)
+            freqs = torch.cat([cls, pos[:, : fed.shape[1] - 1]], dim=1)
             k, v = model._context(model.embeddings(fed), freqs, causal=False, attn_mask=mask)
             done = seq.shape[1]
-            logits = model._guided(k, v, pos[done : done + n_pred], causal=False)
+            logits = model._guided(k, v, pos[:, done : done + n_pred], causal=False)
             if guided:
                 logits = cfg_mix(*logits.chunk(2), 1 + (cfg_scale - 1) * (done + n_pred) / N)
             new = logits.argmax(-1)
             seq = torch.cat([seq, new], dim=1)
             fed = torch.cat([fed, new.repeat(2 if guided else 1, 1)], dim=1)
             block += [s + 1] * n_pred
-    want = torch.empty_like(seq).scatter_(1, order.expand(2, N), seq)
+    want = torch.empty_like(seq).scatter_(1, order, seq)
     assert torch.equal(got.reshape(2, N), want)
 
 
@@ -410,3 +411,17 @@ def test_class_rope_origin_gives_queries_their_absolute_position():
         assert (not torch.allclose(second[0], second[1], atol=1e-5)) == differs
     with pytest.raises(ValueError, match="class_rope"):
         _model(class_rope="middle")
+
+
+def test_random_order_is_drawn_per_sample_and_scan_orders_are_shared():
+    model = _model(seed=6)
+    seen = []
+    decode = model._decode
+    model._decode = lambda labels, orders, *rest: seen.append(orders) or decode(labels, orders, *rest)
+    model.generate(torch.tensor([1, 1, 1]), steps=4, generator=torch.Generator().manual_seed(0))
+    (orders,) = seen
+    assert orders.shape == (3, N) and len({tuple(o.tolist()) for o in orders}) == 3
+    assert all(torch.equal(o.sort().values, torch.arange(N)) for o in orders)
+    seen.clear()
+    model.generate(torch.tensor([1, 2]), steps=4, order="spiral-in")
+    assert seen[0].shape == (1, N)

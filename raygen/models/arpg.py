@@ -154,11 +154,14 @@ def _morton(row: int, col: int) -> int:
 
 
 def _known_first(order: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """order (N,), known raster positions (Bo, K) -> (Bo, N): the known ones, then the rest in order."""
-    n = order.shape[0]
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))  # position -> rank
-    unknown = torch.ones(positions.shape[0], n, dtype=torch.long, device=order.device).scatter_(1, positions, 0)
-    orders = (rank[None] + n * unknown).argsort(dim=1)  # (Bo, N)
+    """orders (Bo, N), known raster positions (Bp, K) -> (max(Bo, Bp), N): the known ones, then the rest in order."""
+    n = order.shape[1]
+    rows = max(order.shape[0], positions.shape[0])
+    arange = torch.arange(n, device=order.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, arange)  # (Bo, N): position -> rank
+    positions = positions.expand(rows, -1)  # (R, K)
+    unknown = torch.ones(rows, n, dtype=torch.long, device=order.device).scatter_(1, positions, 0)
+    orders = (rank.expand(rows, -1) + n * unknown).argsort(dim=1)  # (R, N)
     orders[:, : positions.shape[1]] = positions  # in the prefix's own order (a chunk has no order)
     return orders
 
@@ -386,7 +389,9 @@ class ARPGModel(GenerativeModel):
     ) -> torch.Tensor:
         """labels (B,) -> ids (B, G, G) in raster layout, `steps` forward passes (default 64, <= N).
 
-        order: one of ORDERS, shared by the batch ("random" draws it from `generator`).
+        order: one of ORDERS; "random" draws one permutation per sample from `generator` (as in
+        training; a single order shared by the batch would make every sample of a batch start
+        from the same cells), the named scan orders are shared by the batch.
         schedule: "arccos" | "cosine", tokens per step (`step_sizes`).
         cfg_schedule: "linear" (s = 1 + (g-1) done/N after the step's tokens) | "constant".
         prefix_tokens (B, K) with raster positions prefix_positions (K,) or (B, K): known
@@ -404,11 +409,15 @@ class ARPGModel(GenerativeModel):
         sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         with self.evaluating():
             labels = self.check_labels(labels)  # (B,)
-            orders = generation_order(order, self.config.grid_size, generator, device=labels.device)[None]  # (1, N)
+            if order == "random":  # one permutation per sample
+                n = self.config.seq_len
+                orders = torch.rand(len(labels), n, generator=generator, device=labels.device).argsort(dim=1)  # (B, N)
+            else:
+                orders = generation_order(order, self.config.grid_size, generator, device=labels.device)[None]  # (1, N)
             prefix = None
             if prefix_tokens is not None:
                 prefix, positions = self._check_prefix(prefix_tokens, prefix_positions, len(labels))  # (B, K), (Bo, K)
-                orders = _known_first(orders[0], positions)  # (Bo, N)
+                orders = _known_first(orders, positions)  # (B or Bo, N)
             return self._decode(labels, orders, prefix, steps, cfg_scale, cfg_schedule, schedule, sampling)
 
     def _check_prefix(
