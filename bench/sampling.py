@@ -9,7 +9,13 @@ and peak memory (GPU: max allocated; CPU: the process's peak RSS). Prints one JS
 
 Same shape per family: `ar` has `--layers` blocks; `arpg` splits them evenly between its
 two passes; `nar` has `--layers` backbone blocks plus its one vertical-head block (as in the
-paper's NAR-L vs LlamaGen-L comparison).
+paper's NAR-L vs LlamaGen-L comparison). `ctf` is the whole two-stage generator: a stage-1
+AR of the same shape over `--ctf-clusters` coarse labels, then one pass of a stage-2 model
+(`--ctf-aux-width`/`--ctf-aux-layers`, default: the same shape; the paper's Table 2 pairs
+every stage 1 with a 343M aux, i.e. width 1024 and 24 layers), both included in the timing.
+
+    python bench/sampling.py --families ar,ctf --width 768 --layers 12 --heads 12 \
+        --ctf-aux-width 1024 --ctf-aux-layers 24 --ctf-aux-heads 16   # Table 2's B row
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ def arch_for(family: str, width: int, layers: int, heads: int) -> dict:
         return {"dim": width, "n_layer": layers, "n_head": heads}
     if family == "arpg":
         return {"dim": width, "n_layer": layers, "n_head": heads}
-    if family == "nar":
+    if family in ("nar", "ctf"):
         return {"dim": width, "n_layer": layers, "n_head": heads}
     raise SystemExit(f"bench/sampling.py: no shape rule for family '{family}'")
 
@@ -42,15 +48,31 @@ def knobs_for(family: str, args) -> dict:
     return {}
 
 
-def run_one(args) -> dict:
+def build(args, arch: dict):
+    """The family's model (random weights) with the bench's vocabulary, classes and grid."""
     from raygen.models.registry import build_model
 
+    common = {"vocab_size": args.vocab, "num_classes": 1000, "grid_size": args.grid}
+    if args.one != "ctf":
+        return build_model(args.one, "debug", **common, **arch)
+    from raygen.models.ctf import CTFPair, Lookup
+
+    k = args.ctf_clusters
+    lookup = Lookup(torch.arange(args.vocab) % k, torch.arange(k))  # balanced clusters; timing only
+    ctf = {**common, "clusters": k, "lookup_fingerprint": lookup.fingerprint()}
+    aux = {"dim": args.ctf_aux_width or args.width, "n_layer": args.ctf_aux_layers or args.layers,
+           "n_head": args.ctf_aux_heads or args.heads}
+    stages = [build_model("ctf", "debug", **ctf, **arch), build_model("ctf", "aux-debug", **ctf, **aux)]
+    for stage in stages:
+        stage.bind_lookup(lookup)
+    return CTFPair(*stages)
+
+
+def run_one(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     arch = arch_for(args.one, args.width, args.layers, args.heads)
-    model = build_model(args.one, "debug", vocab_size=args.vocab, num_classes=1000, grid_size=args.grid, **arch)
-    if hasattr(model, "initialize_weights"):
-        model.initialize_weights()
+    model = build(args, arch)
     with torch.no_grad():  # a zero-initialised head would make every logit equal
         for name, p in model.named_parameters():
             if p.ndim >= 2 and float(p.abs().sum()) == 0.0:
@@ -82,7 +104,8 @@ def run_one(args) -> dict:
         "knobs": knobs,
         "seconds_per_batch": seconds,
         "images_per_s": args.batch / seconds,
-        "forward_passes": getattr(model, "last_forward_passes", args.grid * args.grid),
+        "forward_passes": getattr(model, "last_forward_passes",
+                                  args.grid * args.grid + (1 if args.one == "ctf" else 0)),
     }
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -104,6 +127,10 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=16384)
     p.add_argument("--cfg", type=float, default=2.0)
     p.add_argument("--arpg-steps", type=int, default=64)
+    p.add_argument("--ctf-clusters", type=int, default=512, help="ctf: K coarse labels (the paper's default)")
+    p.add_argument("--ctf-aux-width", type=int, default=0, help="ctf stage 2 width (0 = --width)")
+    p.add_argument("--ctf-aux-layers", type=int, default=0, help="ctf stage 2 blocks (0 = --layers)")
+    p.add_argument("--ctf-aux-heads", type=int, default=0, help="ctf stage 2 heads (0 = --heads)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto")

@@ -45,7 +45,8 @@ def test_paper_sizes_have_llamagen_parameter_counts(key):
         model = build_model(family, size)
     n = model.num_params()
     assert abs(n - PAPER_PARAMS[key]) <= 0.03 * PAPER_PARAMS[key]
-    assert n == PAPER_PARAMS[key]
+    if family != "ctf":  # exact counts of the official classes; ctf's are the paper's rounded figures
+        assert n == PAPER_PARAMS[key]
     assert model.output.weight.is_meta
 
 

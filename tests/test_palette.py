@@ -83,3 +83,27 @@ def test_kmeans_with_fewer_distinct_points_than_k():
     c, a = kmeans(x, 4, generator=torch.Generator().manual_seed(0))
     assert sorted(set(c[:, 0].tolist())) == [1.0, 5.0]
     assert torch.equal(c[a], x)
+
+
+def test_patch_palette_is_a_kmeans_vq_with_downsampling():
+    # 2x2 patches drawn from 5 fixed patterns: a 5-entry patch palette reproduces them exactly.
+    g = torch.Generator().manual_seed(1)
+    patterns = torch.randint(0, 256, (5, 2, 2, 1), generator=g, dtype=torch.uint8)
+    picks = torch.randint(5, (6, 4, 4), generator=g)
+    from einops import rearrange
+
+    images = rearrange(patterns[picks], "n h w p q c -> n (h p) (w q) c")  # (6, 8, 8, 1)
+    tok = PaletteTokenizer.fit(PaletteConfig(size=5, patch=2), images, image_size=8, channels=1)
+    assert tok.grid == (4, 4) and tok.downsample == 2 and tok.codebook().shape == (5, 4)
+    ids = tok.encode(images)
+    assert ids.shape == (6, 4, 4)
+    assert torch.equal(tok.decode(ids), images)
+    again = from_spec(tok.spec())
+    assert again.fingerprint() == tok.fingerprint() and torch.equal(again.encode(images), ids)
+
+
+def test_patch_one_keeps_the_pre_patch_fingerprint_spec():
+    tok = PaletteTokenizer.fit(PaletteConfig(size=4), _quantized_images(channels=1), image_size=8, channels=1)
+    assert "patch" not in tok.spec()["config"]
+    assert "patch" in PaletteTokenizer.fit(PaletteConfig(size=4, patch=2), _quantized_images(channels=1),
+                                           image_size=8, channels=1).spec()["config"]

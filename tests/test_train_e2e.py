@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.e2e
 
@@ -157,3 +158,76 @@ def test_family_trains_through_ray_and_deepspeed(family, workdir, digits8, run_c
     assert code == 0 and "32 of 64 tokens regenerated" in out, err
     code, _, err = run_cli("sample", f"runs:/{run_id}", f"workdir={workdir}", "sample.knobs.colour=red")
     assert code == 2 and "unknown sample.knobs colour" in err
+
+
+def test_ctf_clustering_is_a_job_and_the_lookup_is_checked_before_training(workdir, digits8, run_cli, tmp_path):
+    out_file = tmp_path / "lookup-k4.json"
+    code, out, err = run_cli("cluster", "--data", str(digits8), "--clusters", "4", "--out", str(out_file))
+    assert code == 0 and "16 codebook entries -> 4 clusters" in out, err
+    body = json.loads(out_file.read_text())
+    assert body["clusters"] == 4 and len(body["fine_to_coarse"]) == 16 and body["tokenizer"]["name"] == "palette"
+    code, again, _ = run_cli("cluster", "--data", str(digits8), "--clusters", "4", "--out", str(out_file))
+    assert code == 0 and json.loads(out_file.read_text()) == body  # same settings, same file
+    code, _, err = run_cli("cluster", "--data", str(digits8), "--clusters", "5", "--out", str(out_file))
+    assert code == 2 and "already holds another lookup" in err
+    code, _, err = run_cli("cluster", "--data", str(digits8), "--clusters", "40", "--out", str(tmp_path / "x.json"))
+    assert code == 2 and "ctf.clusters=40" in err and "[1, 16]" in err
+    # a lookup made for another K, or damaged, is refused when the run is planned
+    ctf = ["train", "--data", str(digits8), f"workdir={workdir}", "model.family=ctf", *TINY, "--dry-run"]
+    code, out, err = run_cli(*ctf, "ctf.clusters=4", f"ctf.lookup={out_file}")
+    assert code == 0 and "model params" in out, err
+    code, _, err = run_cli(*ctf, "ctf.clusters=8", f"ctf.lookup={out_file}")
+    assert code == 2 and "has 4 clusters but ctf.clusters=8" in err
+    body["fine_to_coarse"][0] = (body["fine_to_coarse"][0] + 1) % 4
+    (tmp_path / "bad.json").write_text(json.dumps(body))
+    code, _, err = run_cli(*ctf, "ctf.clusters=4", f"ctf.lookup={tmp_path / 'bad.json'}")
+    assert code == 2 and "is damaged" in err
+
+
+def test_ctf_stages_train_and_one_registry_entry_samples_both(workdir, digits8, run_cli, tmp_path):
+    base = ["--data", str(digits8), f"workdir={workdir}", *TINY, "model.family=ctf", "ctf.clusters=4",
+            "train.steps=4"]
+    runs = {}
+    for size, zero in (("debug", 2), ("aux-debug", 3)):
+        code, out, err = run_cli("train", *base, f"model.size={size}", f"train.zero_stage={zero}",
+                                 f"tracking.run_name=ctf-{size}")
+        assert code == 0, err
+        runs[size] = _run_id_from(out)
+        run, metrics = _metrics(workdir, runs[size])
+        assert run.info.status == "FINISHED" and metrics["train/loss"][-1][0] == 4
+        assert run.data.params["derived.zero_stage"] == str(zero)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(_uri(workdir))
+    fps = {client.get_run(r).data.params["derived.ctf_lookup"] for r in runs.values()}
+    assert len(fps) == 1  # both stages were built on the one cached lookup, logged with each run
+    arts = [a.path for a in client.list_artifacts(runs["debug"], "ctf")]
+    assert len(arts) == 1 and arts[0].startswith("ctf/lookup-") and arts[0].endswith("-k4-s0-i100.json")
+    assert "eval/class_acc" in _metrics(workdir, runs["debug"])[1]  # stage 1 samples on its own
+    assert "eval/class_acc" not in _metrics(workdir, runs["aux-debug"])[1]  # stage 2 needs stage 1
+
+    reg = ["models", "--workdir", str(workdir), "register"]
+    code, _, err = run_cli(*reg, runs["aux-debug"], "--stage2", runs["debug"], "--name", "ctf-tiny")
+    assert code == 2 and "stage-1 run first" in err
+    code, out, err = run_cli(*reg, runs["debug"], "--stage2", runs["aux-debug"], "--name", "ctf-tiny",
+                             "--alias", "champion")
+    assert code == 0 and "CTF pair run" in out and "models:/ctf-tiny@champion" in out, err
+    pair_run = out.split("CTF pair run ")[1].split(":")[0]
+    run, metrics = _metrics(workdir, pair_run)
+    assert run.info.status == "FINISHED" and "eval/class_acc" in metrics
+    assert run.data.params["ctf.stage1_run"] == runs["debug"] and run.data.params["ctf.stage2_run"] == runs["aux-debug"]
+
+    png = tmp_path / "ctf.png"
+    code, out, err = run_cli("sample", "models:/ctf-tiny@champion", f"workdir={workdir}", "--labels", "0-3",
+                             "--per-label", "2", "--out", str(png), "sample.knobs.fine_temperature=0.5")
+    assert code == 0 and png.is_file() and "8 samples" in out, err
+    from raygen.platform.sampling import load_export
+    from raygen.platform.tracking import resolve_model
+
+    export, _ = resolve_model(_uri(workdir), "models:/ctf-tiny@champion")
+    model, meta = load_export(export)
+    assert meta["kind"] == "ctf-pair" and type(model).__name__ == "CTFPair"
+    g = torch.Generator().manual_seed(0)
+    coarse = model.stage1.generate_coarse(torch.tensor([1, 2]), cfg_scale=2.0, generator=g)
+    fine = model.stage2.generate(torch.tensor([1, 2]), coarse=coarse, generator=g)
+    assert torch.equal(model.stage1.fine_to_coarse[fine], coarse)  # restricted to stage 1's clusters

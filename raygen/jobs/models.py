@@ -10,10 +10,12 @@ def add_parser(sub) -> None:
     p.add_argument("--tracking-uri", help="= tracking.uri")
     p.add_argument("--workdir", default="work", help="where the default MLflow store lives")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    r = verbs.add_parser("register", help="register a finished run's model")
+    r = verbs.add_parser("register", help="register a finished run's model (CTF: the stage-1 run with --stage2)")
     r.add_argument("run_id")
     r.add_argument("--name", required=True)
     r.add_argument("--alias", help="e.g. latest, champion")
+    r.add_argument("--stage2", metavar="RUN_ID",
+                   help="CTF: the stage-2 run; both stages become one pair run and one registered version")
     r.set_defaults(func=run_register)
     ls = verbs.add_parser("list", help="registered models with their versions and aliases")
     ls.set_defaults(func=run_list)
@@ -31,7 +33,14 @@ def _uri(args) -> str:
 def run_register(args: argparse.Namespace) -> int:
     from raygen.platform.tracking import register
 
-    version = register(_uri(args), args.run_id, args.name, args.alias)
+    run_id = args.run_id
+    if args.stage2:
+        from raygen.platform.ctf import make_pair
+
+        run_id, metrics = make_pair(_uri(args), args.run_id, args.stage2, workdir=args.workdir)
+        acc = f", class accuracy {metrics['eval/class_acc']:.3f}" if "eval/class_acc" in metrics else ""
+        print(f"CTF pair run {run_id}: stage 1 run {args.run_id} + stage 2 run {args.stage2}{acc}")
+    version = register(_uri(args), run_id, args.name, args.alias)
     ref = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{version}"
     print(f"registered {args.name} version {version}: {ref}")
     return 0

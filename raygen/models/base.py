@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class GenerativeModel(nn.Module, ABC):
     """A class-conditional token generator: forward -> losses, generate -> token grids."""
 
     config: ModelConfig
+    standalone: ClassVar[bool] = True  # generate(labels) needs nothing else (a CTF stage 2 does)
 
     # --- the contract ------------------------------------------------------------------
     @abstractmethod
@@ -147,9 +148,13 @@ def _numel(p: torch.Tensor) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class FamilySpec:
-    """One family for the registry: its name, model class, config class and named sizes."""
+    """One family for the registry: its name, model class, config class and named sizes.
+
+    model_cls is the model class, or a function config -> model for a family whose config
+    chooses between classes (ctf's two stages).
+    """
 
     family: str
-    model_cls: type[GenerativeModel]
+    model_cls: Callable[[Any], GenerativeModel]
     config_cls: type[ModelConfig]
     sizes: dict[str, ModelConfig]

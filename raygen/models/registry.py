@@ -17,6 +17,7 @@ from typing import Any
 from raygen.models.ar import AR_FAMILY
 from raygen.models.arpg import ARPG_FAMILY
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.ctf import CTF_FAMILY
 from raygen.models.nar import NAR_FAMILY
 
 MODEL_REGISTRY: dict[str, FamilySpec] = {}
@@ -79,6 +80,7 @@ def build_model(family: str, size: str, **overrides: Any) -> GenerativeModel:
 register_family(AR_FAMILY)
 register_family(ARPG_FAMILY)
 register_family(NAR_FAMILY)
+register_family(CTF_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of
@@ -98,4 +100,12 @@ PAPER_PARAMS: dict[tuple[str, str], int] = {
     ("nar", "L"): 372_536_320,
     ("nar", "XL"): 815_991_040,
     ("nar", "XXL"): 1_464_454_656,
+    # ctf (K=512): the paper's rounded counts. Stage 1 = LlamaGen with K-row embedding and head;
+    # stage 2 ("aux") = the paper's aux-model ablation sizes.
+    ("ctf", "B"): 87_000_000,
+    ("ctf", "L"): 310_000_000,
+    ("ctf", "XL"): 734_000_000,
+    ("ctf", "aux-B"): 111_000_000,
+    ("ctf", "aux-L"): 343_000_000,
+    ("ctf", "aux-XL"): 775_000_000,
 }

@@ -33,6 +33,13 @@ def write_export(directory: str | Path, state_dict: dict[str, torch.Tensor], met
     return directory
 
 
+def write_pair_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
+    """config.json of a CTF pair export (its weights live in stage1/ and stage2/)."""
+    directory = Path(directory)
+    (directory / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
+    return directory
+
+
 def read_export_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     try:
@@ -45,12 +52,31 @@ def read_export_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_export(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights (no DeepSpeed needed)."""
+    """Rebuild the model from config.json and load its weights (no DeepSpeed needed).
+
+    A CTF pair export (`kind: ctf-pair`) holds two exports, stage1/ and stage2/, and loads as
+    one `CTFPair` after checking that both stages share a lookup.
+    """
     meta = read_export_meta(directory)
+    if meta.get("kind") == PAIR_KIND:
+        from raygen.models.ctf import CTFPair
+
+        one, _ = load_export(Path(directory) / "stage1", device)
+        two, _ = load_export(Path(directory) / "stage2", device)
+        try:
+            return CTFPair(one, two).eval(), meta
+        except ValueError as e:
+            raise UserError(f"'{directory}' is not a usable CTF pair: {e}") from None
     model = build_model(meta["family"], meta["size"], **meta["arch"])
     state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:  # e.g. a CTF stage whose lookup does not match its fingerprint
+        raise UserError(f"cannot load the model in '{directory}': {e}") from None
     return model.to(device).eval(), meta
+
+
+PAIR_KIND = "ctf-pair"
 
 
 COMMON_KNOBS = ("cfg_scale", "steps", "temperature", "top_k", "top_p", "generator")

@@ -45,7 +45,7 @@ class TokenizeResult:
 
 
 def tokenizer_downsample(cfg: TokenizerConfig) -> int:
-    return 1 if cfg.name == "palette" else 2 ** (len(cfg.vq.ch_mult) - 1)
+    return cfg.palette.patch if cfg.name == "palette" else 2 ** (len(cfg.vq.ch_mult) - 1)
 
 
 def plan(cfg: Config) -> TokenizePlan:
@@ -73,6 +73,8 @@ def plan(cfg: Config) -> TokenizePlan:
         "rows_per_shard": cfg.data.rows_per_shard,
         "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg)},
     }
+    if cfg.tokenizer.name == "palette" and tok_cfg.patch == 1:  # as before patches existed: same request
+        del request["tokenizer"]["config"]["patch"]
     return TokenizePlan(source, image_size, channels, out.resolve(), request)
 
 

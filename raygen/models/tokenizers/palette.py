@@ -1,4 +1,10 @@
-"""ImageGPT-style palette tokenizer: one token per pixel, the id of its nearest palette colour."""
+"""ImageGPT-style palette tokenizer: one token per pixel (or per p x p patch), the id of its nearest palette entry.
+
+With `patch=1` (the default) a palette entry is a colour and the tokenizer is exact for
+already-quantized pixels. With `patch=p > 1` an entry is a whole p x p x C patch, fitted with
+the same seeded k-means over the data's patches: a k-means VQ with downsampling p, which gives
+a codebook of hundreds of entries on small images (what CTF's codebook clustering needs).
+"""
 
 from __future__ import annotations
 
@@ -18,36 +24,41 @@ class PaletteConfig:
     size: int = field(default=16, metadata={"help": "palette entries K (the vocabulary size)", "min": 2})
     fit_images: int = field(default=256, metadata={"help": "images sampled to fit the palette", "min": 1})
     seed: int = field(default=0, metadata={"help": "k-means++ seed"})
+    patch: int = field(default=1, metadata={"help": "pixels per token side; >1 makes each entry a patch", "min": 1})
 
 
 class PaletteTokenizer(Tokenizer):
-    """K colours (or intensities) fitted with k-means; exact for already-quantized pixels."""
+    """K colours (or p x p patches) fitted with k-means; exact for already-quantized pixels."""
 
     name = "palette"
 
     def __init__(self, config: PaletteConfig, *, image_size: int, channels: int, palette: torch.Tensor):
-        super().__init__(image_size=image_size, channels=channels)
-        if tuple(palette.shape) != (config.size, channels):
-            raise ValueError(f"palette must be ({config.size}, {channels}), got {tuple(palette.shape)}")
         self.config = config
-        self.register_buffer("palette", palette.float().round().clamp(0, 255))  # (K, C)
+        super().__init__(image_size=image_size, channels=channels)
+        dim = config.patch**2 * channels
+        if tuple(palette.shape) != (config.size, dim):
+            raise ValueError(f"palette must be ({config.size}, {dim}), got {tuple(palette.shape)}")
+        self.register_buffer("palette", palette.float().round().clamp(0, 255))  # (K, p*p*C)
 
     @classmethod
     def fit(cls, config: PaletteConfig, images: torch.Tensor, *, image_size: int, channels: int) -> "PaletteTokenizer":
         """Fit the palette on uint8 images (N, H, W, C) with seeded k-means++."""
         if images.ndim != 4 or images.shape[-1] != channels or images.dtype != torch.uint8:
             raise ValueError(f"expected uint8 images (N, H, W, {channels}), got {images.dtype} {tuple(images.shape)}")
+        if images.shape[1] % config.patch:
+            raise ValueError(f"image size {images.shape[1]} is not a multiple of the palette patch {config.patch}")
         g = torch.Generator().manual_seed(config.seed)
-        pixels = rearrange(images, "n h w c -> (n h w) c").float()
-        centres, _ = kmeans(pixels, config.size, generator=g)
+        p = config.patch
+        vectors = rearrange(images, "n (h p) (w q) c -> (n h w) (p q c)", p=p, q=p).float()  # (M, p*p*C)
+        centres, _ = kmeans(vectors, config.size, generator=g)
         centres = centres.round().clamp(0, 255)
         # Sort by brightness so ids are ordered and the palette does not depend on k-means' labelling.
-        order = torch.argsort(_brightness_key(centres))
+        order = _brightness_order(centres)
         return cls(config, image_size=image_size, channels=channels, palette=centres[order])
 
     @property
     def downsample(self) -> int:
-        return 1
+        return self.config.patch
 
     @property
     def vocab_size(self) -> int:
@@ -56,30 +67,38 @@ class PaletteTokenizer(Tokenizer):
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         self._check_images(images)
-        b = images.shape[0]
-        pixels = rearrange(images, "b h w c -> (b h w) c").to(self.palette.device, torch.float32)
-        ids = torch.cdist(pixels, self.palette).argmin(dim=1)  # nearest colour, first on ties
-        return rearrange(ids, "(b h w) -> b h w", b=b, h=self.image_size).to(images.device)
+        b, p = images.shape[0], self.config.patch
+        vectors = rearrange(images, "b (h p) (w q) c -> (b h w) (p q c)", p=p, q=p)  # (B*h*w, p*p*C)
+        vectors = vectors.to(self.palette.device, torch.float32)
+        ids = torch.cdist(vectors, self.palette).argmin(dim=1)  # nearest entry, first on ties
+        return rearrange(ids, "(b h w) -> b h w", b=b, h=self.grid[0]).to(images.device)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         self._check_tokens(tokens)
-        return self.palette[tokens.to(self.palette.device).long()].to(torch.uint8).to(tokens.device)  # (B, H, W, C)
+        p = self.config.patch
+        patches = self.palette[tokens.to(self.palette.device).long()].to(torch.uint8)  # (B, h, w, p*p*C)
+        images = rearrange(patches, "b h w (p q c) -> b (h p) (w q) c", p=p, q=p)
+        return images.to(tokens.device)  # (B, H, W, C)
 
     def codebook(self) -> torch.Tensor:
         return self.palette.clone()
 
     def config_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        out = dataclasses.asdict(self.config)
+        if out["patch"] == 1:  # data sets tokenized before patches existed keep their fingerprint
+            del out["patch"]
+        return out
 
     def fitted_state(self) -> dict[str, Any]:
         return {"palette": [[int(v) for v in row] for row in self.palette.tolist()]}
 
 
-def _brightness_key(c: torch.Tensor) -> torch.Tensor:
-    """An int64 key ordering colours by channel sum, ties broken by the channels in order."""
+def _brightness_order(c: torch.Tensor) -> torch.Tensor:
+    """Indices ordering entries (K, E) by their sum, ties broken by the components in order."""
     v = c.long()
-    lex = torch.zeros(v.shape[0], dtype=torch.long)
-    for ch in range(v.shape[1]):
-        lex = lex * 256 + v[:, ch]
-    return v.sum(dim=1) * 256 ** v.shape[1] + lex
+    order = torch.arange(v.shape[0])
+    # Stable sorts from the least to the most significant key: last component, ..., first, sum.
+    for key in [v[:, j] for j in reversed(range(v.shape[1]))] + [v.sum(dim=1)]:
+        order = order[torch.sort(key[order], stable=True).indices]
+    return order
