@@ -12,17 +12,22 @@ import re
 import sys
 
 from raygen.errors import UserError, find_user_error
+from raygen.jobs import cluster as cluster_job
 from raygen.jobs import config as config_job
 from raygen.jobs import data as data_job
 from raygen.jobs import demo as demo_job
+from raygen.jobs import eval as eval_job
 from raygen.jobs import models as models_job
+from raygen.jobs import report as report_job
 from raygen.jobs import sample as sample_job
+from raygen.jobs import submit as submit_job
 from raygen.jobs import tokenize as tokenize_job
 from raygen.jobs import train as train_job
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-JOBS = (demo_job, tokenize_job, data_job, train_job, sample_job, models_job, config_job)
+JOBS = (demo_job, tokenize_job, data_job, cluster_job, train_job, sample_job, eval_job, report_job, models_job, config_job,
+        submit_job)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # --debug is accepted anywhere on the line, before or after the job and its verbs.
-    debug = "--debug" in argv or os.environ.get("RAYGEN_DEBUG") == "1"
-    argv = [a for a in argv if a != "--debug"]
+    # --debug is accepted anywhere on the line, before or after the job and its verbs; after a
+    # `--` it belongs to the command that `raygen submit` runs on the cluster.
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut] or os.environ.get("RAYGEN_DEBUG") == "1"
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`raygen sample M --out x.png sample.top_k=5`),

@@ -131,10 +131,34 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    n: int = _f(1000, min=2, help="images sampled for `raygen eval` (the papers use 50000)")
+    batch_size: int = _f(100, min=1, help="images per sampling task (generated, decoded and featurised in one go)")
+    workers: int | None = _f(None, min=1, help="sampling actors, one model copy each; null = one per GPU, or one per CPU")
+    inception_weights: str | None = _f(
+        None, help="local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID, IS, precision/recall); "
+        "null = RAYGEN_INCEPTION_WEIGHTS, or no Inception metrics. Never downloaded"
+    )
+    reference: str | None = _f(None, help="reference statistics file (raygen eval --make-reference); null = digits: the real digits")
+    is_splits: int = _f(10, min=1, help="Inception Score splits")
+    pr_k: int = _f(3, min=1, help="k of the k-NN manifolds for precision/recall")
+
+
+@dataclass
 class TrackingConfig:
     uri: str | None = _f(None, help="MLflow tracking URI; null = sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins)")
     experiment: str = _f("raygen", help="MLflow experiment")
     run_name: str | None = _f(None, help="MLflow run name; null = <family>-<size>-<time>")
+
+
+@dataclass
+class CTFSettings:
+    clusters: int = _f(512, min=1, help="K coarse labels for family ctf (k-means over the tokenizer's codebook)")
+    lookup: str | None = _f(
+        None, help="fine->coarse lookup file from `raygen cluster`; null = cluster now (cached in <workdir>/cache/ctf)"
+    )
+    seed: int = _f(0, help="k-means++ seed of the clustering")
+    iters: int = _f(100, min=1, help="k-means iterations at most")
 
 
 @dataclass
@@ -147,7 +171,9 @@ class Config:
     model: ModelConfig = _f(help="model family, size and architecture overrides", factory=ModelConfig)
     train: TrainConfig = _f(help="the distributed training loop", factory=TrainConfig)
     sample: SampleConfig = _f(help="sampling for grids and evaluation", factory=SampleConfig)
+    eval: EvalConfig = _f(help="evaluation: sample counts, Inception weights, reference statistics", factory=EvalConfig)
     tracking: TrackingConfig = _f(help="MLflow tracking", factory=TrackingConfig)
+    ctf: CTFSettings = _f(help="coarse-to-fine (family ctf): codebook clusters", factory=CTFSettings)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Config":

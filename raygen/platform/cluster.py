@@ -12,13 +12,19 @@ def init_ray(cfg: RayConfig) -> None:
     """Start or join Ray once per process.
 
     A bare `ray.init()` attaches to whatever /tmp/ray/ray_current_cluster names, even a dead
-    cluster, so without an address we start a fresh local instance explicitly.
+    cluster, so without an address we start a fresh local instance explicitly. Inside a Ray
+    job (`raygen submit`) Ray Jobs sets RAY_ADDRESS to its cluster's GCS, so the job joins it.
     """
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and address.startswith(("http://", "https://")):
+        from raygen.errors import UserError
+
+        raise UserError(f"Ray address {address} is a dashboard, which `raygen submit` / `raygen jobs` talk to; "
+                        "to run there use `raygen submit -- <command>`, or unset RAY_ADDRESS to run here")
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address:
         ray.init(address=address, **common)

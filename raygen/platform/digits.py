@@ -82,3 +82,31 @@ def class_accuracy(model: DigitsClassifier, images: torch.Tensor, labels: torch.
     """Fraction of uint8 images (B, H, W, C) the classifier labels as `labels`."""
     pred = model(to_input(images.cpu())).argmax(1)
     return float((pred == labels.cpu()).float().mean())
+
+
+@torch.no_grad()
+def digits_features(model: DigitsClassifier, images: torch.Tensor, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (B, H, W, C) -> penultimate features (B, 128) float64 and predicted classes (B,).
+
+    The features are the space of FD-digits (a Fréchet distance like FID's, in this
+    classifier's 128-d feature space instead of Inception's).
+    """
+    feats, preds = [], []
+    for i in range(0, len(images), batch_size):
+        f = model.features(to_input(images[i : i + batch_size].cpu()))  # (b, 128)
+        feats.append(f.double().numpy())
+        preds.append(model.head(f).argmax(1).numpy())
+    if not feats:
+        return np.zeros((0, model.fc.out_features)), np.zeros((0,), np.int64)
+    return np.concatenate(feats), np.concatenate(preds)
+
+
+def classifier_fingerprint(model: DigitsClassifier) -> str:
+    """sha256 (16 hex) over the classifier's weights: which feature space FD-digits was measured in."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

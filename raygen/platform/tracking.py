@@ -96,6 +96,20 @@ def log_text(uri: str, run_id: str, text: str, name: str) -> None:
     _client(uri).log_text(run_id, text, name)
 
 
+def log_new_params(uri: str, run_id: str, params: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log the params the run does not have yet; MLflow params never change, so a key that is
+    already there with another value is left alone and returned as {key: (kept, offered)}."""
+    from mlflow.entities import Param
+
+    have = get_run(uri, run_id).data.params
+    new = {k: str(v)[:6000] for k, v in params.items()}
+    conflicts = {k: (have[k], v) for k, v in new.items() if k in have and have[k] != v}
+    items = [Param(k, v) for k, v in sorted(new.items()) if k not in have]
+    for i in range(0, len(items), 100):
+        _client(uri).log_batch(run_id, params=items[i : i + 100])
+    return conflicts
+
+
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     import time
 
@@ -257,12 +271,17 @@ def resolve_model(uri: str, model: str) -> tuple[Path, str | None]:
         return _download(uri, f"{run.info.artifact_uri.rstrip('/')}/{sub}"), run_id
     local = Path(model)
     if local.is_dir():
-        if not (local / "model.pt").is_file() or not (local / "config.json").is_file():
-            raise UserError(f"'{model}' is not an exported model directory (it needs model.pt and config.json)")
+        if not (local / "config.json").is_file() or not ((local / "model.pt").is_file() or (local / "stage1").is_dir()):
+            raise UserError(f"'{model}' is not an exported model directory (it needs config.json and model.pt)")
         return local, None
     raise UserError(
         f"cannot find model '{model}'; use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or an export directory"
     )
+
+
+def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
+    """Artifact paths directly under `path` (the run's root when None)."""
+    return [f.path for f in _client(uri).list_artifacts(run_id, path)]
 
 
 def read_artifact_text(uri: str, run_id: str, path: str) -> str:

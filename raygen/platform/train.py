@@ -91,6 +91,7 @@ class TrainPlan:
     accumulation: int
     ds_config: dict[str, Any]
     storage_path: str
+    lookup: dict[str, Any] | None = None  # family ctf: the lookup file's meta, path and tables
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +116,9 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
                 f"model.arch.{key}={arch[key]} does not match the data set '{data_dir}', which has {key}={value}"
             )
         arch[key] = value
+    lookup = None
+    if cfg.model.family.lower() == "ctf":
+        lookup = _ctf_lookup(cfg, manifest, data_dir, arch)
     try:
         with torch.device("meta"):
             model = build_model(cfg.model.family, cfg.model.size, **arch)
@@ -155,7 +159,31 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
                                 bf16=precision == "bf16", grad_clip=t.grad_clip, raw=t.ds_config)
     storage = str((Path(cfg.workdir) / "checkpoints").resolve())
     return TrainPlan(str(Path(data_dir).resolve()), manifest, arch, n_params, workers, cpw, use_gpu, precision,
-                     stage, micro, accum, ds_config, storage)
+                     stage, micro, accum, ds_config, storage, lookup)
+
+
+def _ctf_lookup(cfg: Config, manifest: dict[str, Any], data_dir: str, arch: dict[str, Any]) -> dict[str, Any]:
+    """Resolve (or make) the run's fine->coarse lookup; K and its fingerprint go into the model's arch."""
+    from raygen.platform.ctf import resolve_lookup
+
+    lf = resolve_lookup(cfg.ctf, manifest, cfg.workdir, data_dir=f"data set '{data_dir}'")
+    for key, value in (("clusters", lf.meta["clusters"]), ("lookup_fingerprint", lf.fingerprint)):
+        if key in arch and arch[key] != value:
+            raise ConfigError(f"model.arch.{key}={arch[key]!r} does not match the run's lookup ({key}={value!r}); "
+                              f"set ctf.clusters / ctf.lookup instead")
+        arch[key] = value
+    return {"path": str(lf.path), "meta": lf.meta, "fine_to_coarse": lf.lookup.fine_to_coarse.tolist(),
+            "representative": lf.lookup.representative.tolist()}
+
+
+def bind_plan_lookup(model: torch.nn.Module, lookup: dict[str, Any] | None) -> None:
+    """Install the planned CTF lookup into a freshly built stage (no-op for other families)."""
+    if lookup is None:
+        return
+    from raygen.models.ctf import Lookup
+
+    model.bind_lookup(Lookup(torch.tensor(lookup["fine_to_coarse"], dtype=torch.long),
+                             torch.tensor(lookup["representative"], dtype=torch.long)))
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +197,27 @@ def _peak_mem_gb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
+
+
+# Dense peak TFLOPS per GPU from the vendors' datasheets: (bf16 tensor cores, plain fp32).
+# First substring match of torch.cuda.get_device_name() wins; RAYGEN_PEAK_TFLOPS overrides.
+GPU_PEAK_TFLOPS = (("H200", 989.4, 66.9), ("H100 PCIe", 756.0, 51.2), ("H100", 989.4, 66.9),
+                   ("A100", 312.0, 19.5), ("L40S", 362.1, 91.6), ("L4", 121.0, 30.3), ("A10", 125.0, 31.2))
+
+
+def _peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's peak FLOP/s at the training precision, or None (CPU, unknown GPU): no perf/mfu then."""
+    import os
+
+    if device.type != "cuda":
+        return None
+    if os.environ.get("RAYGEN_PEAK_TFLOPS"):
+        return float(os.environ["RAYGEN_PEAK_TFLOPS"]) * 1e12
+    name = torch.cuda.get_device_name(device)
+    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
+        if key in name:
+            return (bf16 if precision == "bf16" else fp32) * 1e12
+    return None
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -199,7 +248,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)  # nn.Dropout; explicit generators drive the rest
 
-    model = build_model(cfg.model.family, cfg.model.size, **plan["arch"]).to(device)
+    model = build_model(cfg.model.family, cfg.model.size, **plan["arch"])
+    bind_plan_lookup(model, plan["lookup"])
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     engine = DeepSpeedEngine(model, optimizer, plan["ds_config"])
@@ -230,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     samples_per_step = t.global_batch
     flops = model.flops_per_sample()
+    peak_flops = _peak_flops(device, plan["precision"])
 
     def save(final: bool, metrics: dict[str, float]) -> None:
         from ray.train import Checkpoint
@@ -304,12 +356,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "perf/tflops_per_worker": flops * sps / world / 1e12,
                     "mem/peak_gb": _peak_mem_gb(device),
                 }
+                if peak_flops:
+                    last["perf/mfu"] = flops * sps / world / peak_flops
                 norm = engine.grad_norm()
                 if norm is not None and math.isfinite(norm):
                     last["train/grad_norm"] = norm
                 tracker.log_metrics(last, step)
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps and model.standalone:
                 _log_samples(cfg, config, engine, device, step, tracker, rank)
             if step % t.checkpoint_every == 0 and step < t.steps:
                 save(final=False, metrics={k: v for k, v in last.items() if k == "train/loss"})
@@ -368,6 +422,7 @@ def export_meta(cfg: Config, plan: TrainPlan, run_id: str) -> dict[str, Any]:
                  "class_names": m.get("class_names"), "grid": m["grid"], "vocab_size": m["vocab_size"],
                  "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]},
         "sample": dataclasses.asdict(cfg.sample),
+        **({"ctf_lookup": plan.lookup["meta"]} if plan.lookup else {}),
         "run_id": run_id,
         "steps": cfg.train.steps,
     }
@@ -393,7 +448,10 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     else:
         exp = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.workdir)
         name = cfg.tracking.run_name or f"{cfg.model.family}-{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
-        params = {**cfg.flat(), "derived.n_params": plan.n_params, "derived.workers": plan.workers,
+        # eval.* params belong to `raygen eval`, which logs what each evaluation used (config.yaml keeps all)
+        params = {**{k: v for k, v in cfg.flat().items() if not k.startswith("eval.")},
+                  **({"derived.ctf_lookup": plan.lookup["meta"]["fingerprint"]} if plan.lookup else {}),
+                  "derived.n_params": plan.n_params, "derived.workers": plan.workers,
                   "derived.zero_stage": plan.zero_stage, "derived.micro_batch": plan.micro_batch,
                   "derived.accumulation": plan.accumulation, "derived.precision": plan.precision}
         run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": cfg.model.family,
@@ -402,6 +460,8 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         tracking.log_text(uri, run_id, json.dumps(plan.manifest, indent=1), "data/manifest.json")
         tracking.log_text(uri, run_id, json.dumps(plan.ds_config, indent=1), "ds_config.json")
+        if plan.lookup is not None:
+            tracking.log_artifact(uri, run_id, plan.lookup["path"], "ctf")
 
     ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(["tokens", "label"])
     n_bytes = plan.manifest["rows"] * (4 * int(plan.manifest["grid"][0]) ** 2 + 4)
@@ -459,6 +519,8 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
     from raygen.platform.sampling import is_digits, load_export, sample_grid
 
     model, meta = load_export(export_dir)
+    if not model.standalone:  # e.g. a CTF stage 2: it samples as part of a registered pair
+        return {}
     png = export_dir.parent / f"{export_dir.name}-samples.png"
     s = sample_grid(model, meta, cfg.sample, png)
     tracking.log_artifact(uri, run_id, png, "samples")

@@ -1,0 +1,23 @@
+"""`raygen report RUN`: one table of a run's model, training and sampling figures and eval metrics."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="one table: model, training and sampling throughput, memory, eval metrics")
+    p.add_argument("run", help="a run id, runs:/RUN_ID or models:/NAME@ALIAS")
+    p.add_argument("--workdir", default="work", help="where the default MLflow store lives")
+    p.add_argument("--tracking-uri", help="= tracking.uri")
+    p.add_argument("--no-sampling", action="store_true", help="skip measuring sampling speed and memory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from raygen.platform.evaluate import report
+
+    r = report(args.run, workdir=args.workdir, tracking_uri=args.tracking_uri, measure=not args.no_sampling)
+    print(r["text"], end="")
+    print(f"logged as report.txt to run {r['run_id']}")
+    return 0
