@@ -21,13 +21,14 @@ from raygen.jobs import models as models_job
 from raygen.jobs import report as report_job
 from raygen.jobs import sample as sample_job
 from raygen.jobs import submit as submit_job
+from raygen.jobs import sweep as sweep_job
 from raygen.jobs import tokenize as tokenize_job
 from raygen.jobs import train as train_job
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 JOBS = (demo_job, tokenize_job, data_job, cluster_job, train_job, sample_job, eval_job, report_job, models_job, config_job,
-        submit_job)
+        submit_job, sweep_job)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -170,7 +170,7 @@ def _check_sampling(target: EvalTarget) -> list[int]:
     from raygen.platform.sampling import check_knobs
 
     classes = parse_labels(target.cfg.sample.labels, target.meta["data"]["num_classes"])
-    if "arch" in target.meta:  # a single-model export (a composite one is checked by its workers)
+    if "kind" not in target.meta:  # a single-model export (a composite one, e.g. a CTF pair, by its workers)
         with torch.device("meta"):
             model = build_model(target.meta["family"], target.meta["size"], **target.meta["arch"])
         check_knobs(model, target.cfg.sample.knobs)

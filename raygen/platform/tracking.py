@@ -302,3 +302,138 @@ def _download(uri: str, artifact_uri: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot fetch model artifacts from {artifact_uri}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Sweeps: child runs, version tags, a local server in front of a SQLite store
+# --------------------------------------------------------------------------------------
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, Any]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    """The runs whose `mlflow.parentRunId` tag is `parent_run_id` (MLflow Run objects)."""
+    return list(_client(uri).search_runs([experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                         max_results=5000))
+
+
+def model_version(uri: str, model: str) -> tuple[str, int] | None:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (NAME, version); None for other references."""
+    if not model.startswith("models:/"):
+        return None
+    ref = model[len("models:/") :]
+    resolve_model(uri, model)  # the same clear errors as everywhere else for a bad reference
+    client = _client(uri)
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        if alias.lower() == LATEST:
+            versions = client.search_model_versions(f"name='{name}'")
+            return name, max(int(v.version) for v in versions)
+        return name, int(client.get_model_version_by_alias(name, alias).version)
+    name, version = ref.split("/", 1)
+    return name, int(version)
+
+
+def set_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def needs_local_server(uri: str) -> bool:
+    """A SQLite store takes one writer process at a time safely; sweeps put a server in front of it."""
+    return uri.startswith("sqlite:")
+
+
+class LocalServer:
+    """`mlflow server` on 127.0.0.1 (a free port) in front of a SQLite store, for one sweep.
+
+    Only the server process touches the SQLite file while it runs; every trial logs over HTTP.
+    Artifacts stay where the store's experiments put them (file:// under <workdir>/mlartifacts),
+    so the runs read the same with or without the server. Start it, do other work, then `wait()`.
+    """
+
+    def __init__(self, store_uri: str, workdir: str, log_dir: str | Path):
+        import socket
+        import subprocess
+        import sys
+
+        self.store_uri = store_uri
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        self.log_path = Path(log_dir) / f"mlflow-server-{self.port}.log"
+        artifacts = (Path(workdir).resolve() / "mlartifacts").as_uri()
+        # Job execution would start extra worker processes on the same SQLite file; a sweep needs none.
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", store_uri, "--default-artifact-root", artifacts, "--no-serve-artifacts",
+               "--workers", "1"]
+        import time
+
+        self.started = time.time()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True)
+        import atexit
+
+        atexit.register(self.stop)
+
+    def wait(self, timeout: float = 180.0) -> str:
+        """Block until the server answers /health; returns its URI. A clear error if it cannot start."""
+        import time
+        import urllib.request
+
+        t0 = time.time()
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise UserError(f"the local MLflow server for {self.store_uri} exited with code {code} before it "
+                                f"answered: {self._last_line()} (log: {self.log_path}); or point tracking.uri / "
+                                "MLFLOW_TRACKING_URI at a running server")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self.uri
+            except OSError:
+                pass
+            if time.time() - t0 > timeout:
+                self.stop()
+                raise UserError(f"the local MLflow server for {self.store_uri} did not answer on {self.uri} within "
+                                f"{timeout:.0f} s ({self._last_line()}; log: {self.log_path}); or point tracking.uri / "
+                                "MLFLOW_TRACKING_URI at a running server")
+            time.sleep(0.5)
+
+    def _last_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return "no log"
+        return lines[-1][:300] if lines else "no output"
+
+    def stop(self) -> None:
+        """Stop the server (its own process group: uvicorn's worker goes with it)."""
+        import signal
+        import subprocess
+
+        if self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)  # the group this server was started in, nothing else
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -363,6 +363,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     last["train/grad_norm"] = norm
                 tracker.log_metrics(last, step)
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
+                if step < t.steps and step % t.checkpoint_every:
+                    # Every rank reports the log step (metrics only, rank 0's kept): what a Tune
+                    # scheduler (ASHA) decides on. Checkpoint steps report with their checkpoint below.
+                    ray.train.report({**last, "step": step})
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and model.standalone:
                 _log_samples(cfg, config, engine, device, step, tracker, rank)
             if step % t.checkpoint_every == 0 and step < t.steps:
@@ -428,8 +432,14 @@ def export_meta(cfg: Config, plan: TrainPlan, run_id: str) -> dict[str, Any]:
     }
 
 
-def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: bool = False) -> TrainResult:
-    """Plan, open (or reopen) the MLflow run, fit, export, sample. Returns where everything went."""
+def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: bool = False,
+          parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
+          callbacks: list | tuple = ()) -> TrainResult:
+    """Plan, open (or reopen) the MLflow run, fit, export, sample. Returns where everything went.
+
+    A sweep trial passes its sweep's run as `parent_run_id` (the new run becomes its child), its
+    own `run_tags`, and Ray Train `callbacks` such as Tune's `TuneReportCallback`.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -456,7 +466,9 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
                   "derived.accumulation": plan.accumulation, "derived.precision": plan.precision}
         run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": cfg.model.family,
                                                               "raygen.size": cfg.model.size,
-                                                              "raygen.data": plan.data_dir})
+                                                              "raygen.data": plan.data_dir, **(run_tags or {}),
+                                                              **({tracking.PARENT_TAG: parent_run_id}
+                                                                 if parent_run_id else {})})
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         tracking.log_text(uri, run_id, json.dumps(plan.manifest, indent=1), "data/manifest.json")
         tracking.log_text(uri, run_id, json.dumps(plan.ds_config, indent=1), "ds_config.json")
@@ -480,6 +492,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
             name=f"raygen-{run_id}", storage_path=plan.storage_path,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+            callbacks=list(callbacks) or None,
         ),
         datasets={"train": ds},
     )
