@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_parser(sub) -> None:
@@ -22,22 +23,29 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raygen.config import load_config
     from raygen.platform import sweep
     from raygen.platform.sweep_spec import load_spec
 
     spec = load_spec(args.spec)
     kw = dict(data=args.data, model=args.model, tracking_uri=args.tracking_uri)
-    plan = sweep.plan_sweep(spec, args.overrides, **kw)  # every check, sized for this machine, before Ray starts
-    if args.dry_run:
-        print(sweep.describe(plan), end="")
-        return 0
+    ray_cfg = load_config(spec.base if spec.kind == "train" else None, [*spec.overrides, *args.overrides]).ray
+    if not (ray_cfg.address or os.environ.get("RAY_ADDRESS")):
+        # A local sweep: every check, sized for this machine, before Ray starts.
+        plan = sweep.plan_sweep(spec, args.overrides, **kw)
+        if args.dry_run:
+            print(sweep.describe(plan), end="")
+            return 0
     import ray
 
     from raygen.platform.cluster import init_ray
 
-    init_ray(plan.base.ray)  # then sized again for the cluster's free resources
+    init_ray(ray_cfg)  # sized for the cluster's free resources
     free = ray.available_resources()
     plan = sweep.plan_sweep(spec, args.overrides, cpus=float(free.get("CPU", 0)), gpus=float(free.get("GPU", 0)), **kw)
+    if args.dry_run:
+        print(sweep.describe(plan), end="")
+        return 0
     r = sweep.run_sweep(plan, out=lambda line: print(line, flush=True))
     print()
     print(r.table, end="")

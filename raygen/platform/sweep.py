@@ -121,6 +121,7 @@ class SweepPlan:
     data_dir: str | None = None  # train
     tokenize_first: bool = False  # train: the base config's data set is not there yet
     target: Any = None  # sample: evaluate.EvalTarget of the swept model
+    model: str | None = None  # sample: the swept model's reference (the spec's, or --model)
     asha: dict[str, Any] | None = None  # ASHAScheduler arguments
     notes: list[str] = field(default_factory=list)
 
@@ -248,7 +249,7 @@ def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri
     check_space(spec, target.cfg)
     meta = target.meta
     probe = None
-    if "arch" in meta:
+    if "kind" not in meta:  # a single-model export (a CTF pair's knobs are checked when it samples)
         with torch.device("meta"):
             probe = build_model(meta["family"], meta["size"], **meta["arch"])
     for values in one_at_a_time(spec):
@@ -277,9 +278,13 @@ def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri
     if e.n < len(parse_labels(target.cfg.sample.labels, meta["data"]["num_classes"])):
         raise ConfigError(f"n={e.n} samples per trial is below the number of classes")
     res = plan_resources("sample", cpus=cpus, gpus=gpus, trials=spec.trials, cap=spec.max_concurrent_trials)
-    plan = SweepPlan(spec, target.cfg, target.uri, res, target=target)
-    if spec.register and spec.register["name"] is None and not model.startswith("models:/"):
-        raise ConfigError("register.name is required when the swept model is not a registered one (models:/...)")
+    plan = SweepPlan(spec, target.cfg, target.uri, res, target=target, model=model)
+    if spec.register and not model.startswith("models:/"):
+        if target.run_id is None:
+            raise ConfigError(f"'{model}' is a directory with no MLflow run to register; sweep models:/NAME@ALIAS or "
+                              "runs:/RUN_ID, or leave 'register' out")
+        if spec.register["name"] is None:
+            raise ConfigError("register.name is required when the swept model is not a registered one (models:/...)")
     return plan
 
 
@@ -290,7 +295,7 @@ def describe(plan: SweepPlan) -> str:
     if spec.description:
         lines.append(f"  {spec.description}")
     if spec.kind == "sample":
-        what = f"model {spec.model} (run {plan.target.run_id}), {plan.base.eval.n} samples per trial"
+        what = f"model {plan.model} (run {plan.target.run_id}), {plan.base.eval.n} samples per trial"
     else:
         what = f"base {spec.base or '(defaults)'}, data {plan.data_dir}, {plan.base.train.steps} steps per trial"
     lines.append(f"  {what}")
@@ -309,7 +314,7 @@ def describe(plan: SweepPlan) -> str:
     server = " (a local mlflow server fronts it while trials run)" if _server_needed(plan.uri) else ""
     lines.append(f"  tracking: {plan.uri}{server}; parent run + one child run per trial")
     if spec.register:
-        name = spec.register["name"] or (spec.model or "").split("models:/")[-1].split("@")[0].split("/")[0]
+        name = spec.register["name"] or (plan.model or "").split("models:/")[-1].split("@")[0].split("/")[0]
         lines.append(f"  register: best trial -> models:/{name}@{spec.register['alias']}")
     for note in plan.notes:
         lines.append(f"  note: {note}")
@@ -514,6 +519,10 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
             check_train_trials(plan)
         ctx.update(base=plan.base.to_dict(), data_dir=plan.data_dir)
     uri = plan.uri
+    if tracking.needs_local_server(uri) and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        raise UserError(f"the tracking store {uri} is a SQLite file, and the MLflow server raygen would start in front "
+                        "of it listens on 127.0.0.1, which trials on other nodes cannot reach; on a multi-node cluster "
+                        "set tracking.uri (or MLFLOW_TRACKING_URI) to an MLflow server every node can reach")
     exp = tracking.ensure_experiment(uri, plan.base.tracking.experiment, plan.base.workdir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent = tracking.create_run(uri, exp, f"sweep-{spec.name}-{stamp}", _parent_params(plan),
@@ -588,7 +597,7 @@ def _parent_params(plan: SweepPlan) -> dict[str, Any]:
                               "sweep.scheduler": json.dumps(plan.asha) if plan.asha else "none",
                               **{f"sweep.space.{d.key}": d.describe() for d in spec.space}}
     if spec.kind == "sample":
-        params.update({"sweep.model": spec.model, "eval.n": plan.base.eval.n})
+        params.update({"sweep.model": plan.model, "eval.n": plan.base.eval.n})
     else:
         params.update({"sweep.base": spec.base or "-", "sweep.data": plan.data_dir})
     if spec.register:
@@ -605,7 +614,7 @@ def _sample_context(plan: SweepPlan) -> dict[str, Any]:
 
     target, cfg, e = plan.target, plan.base, plan.base.eval
     ctx: dict[str, Any] = {"threads": plan.resources.threads, "use_gpu": plan.resources.use_gpu,
-                           "model": plan.spec.model, "model_run": target.run_id,
+                           "model": plan.model, "model_run": target.run_id,
                            "num_classes": target.meta["data"]["num_classes"], "is_splits": e.is_splits,
                            "export": {str(f.relative_to(target.export_dir)): f.read_bytes()
                                       for f in sorted(target.export_dir.rglob("*")) if f.is_file()},
@@ -793,7 +802,7 @@ def _register(plan: SweepPlan, best: TrialRow) -> tuple[str, int, str]:
         name = spec.register["name"]
         version = tracking.register(uri, best.run_id, name, alias)
     else:
-        swept = tracking.model_version(uri, spec.model)
+        swept = tracking.model_version(uri, plan.model)
         name = spec.register["name"] or swept[0]
         if swept is not None and swept[0] == name:
             version = swept[1]

@@ -65,6 +65,10 @@ TRAIN_METRICS = {"train/loss": "min", "eval/class_acc": "max"}
 SAMPLE_METRICS = {"eval/fd_digits": "min", "eval/class_acc": "max", "eval/fid": "min", "eval/is": "max"}
 SCHEDULER_KEYS = ("name", "max_t", "grace_period", "reduction_factor", "metric", "mode")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Keys that size and place the trials (the sweep plans its resources from them) or say where
+# results go: the same for every trial.
+RUN_KEYS = ("workdir", "train.workers", "train.cpus_per_worker", "train.use_gpu", "data.shards", "eval.n")
+RUN_PREFIXES = ("ray.", "tracking.")
 
 
 @dataclass
@@ -204,6 +208,10 @@ def parse_spec(raw: Any, *, source: str = "<spec>", default_name: str = "sweep")
         raise _bad(source, "'space' must map config keys to distributions, e.g. "
                            "space: {train.lr: {loguniform: [1.0e-4, 1.0e-2]}}")
     space = [_parse_dist(str(k), v, source) for k, v in space_raw.items()]
+    for d in space:
+        if d.key in RUN_KEYS or d.key.startswith(RUN_PREFIXES):
+            raise _bad(source, f"'{d.key}' says how and where trials run, not what they try; set it in "
+                               "'overrides' (the same for every trial)")
 
     keys = [d.key for d in space]
     all_sample = all(k.startswith("sample.") for k in keys)

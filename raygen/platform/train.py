@@ -363,9 +363,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     last["train/grad_norm"] = norm
                 tracker.log_metrics(last, step)
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
-                if step < t.steps and step % t.checkpoint_every:
-                    # Every rank reports the log step (metrics only, rank 0's kept): what a Tune
-                    # scheduler (ASHA) decides on. Checkpoint steps report with their checkpoint below.
+                if config.get("report_log_steps") and step < t.steps and step % t.checkpoint_every:
+                    # Every rank reports the log step (metrics only, rank 0's kept) when a callback
+                    # listens (a sweep's TuneReportCallback: what ASHA decides on). Checkpoint steps
+                    # report with their checkpoint below.
                     ray.train.report({**last, "step": step})
             if t.sample_every and step % t.sample_every == 0 and step < t.steps and model.standalone:
                 _log_samples(cfg, config, engine, device, step, tracker, rank)
@@ -438,7 +439,8 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     """Plan, open (or reopen) the MLflow run, fit, export, sample. Returns where everything went.
 
     A sweep trial passes its sweep's run as `parent_run_id` (the new run becomes its child), its
-    own `run_tags`, and Ray Train `callbacks` such as Tune's `TuneReportCallback`.
+    own `run_tags`, and Ray Train `callbacks` such as Tune's `TuneReportCallback`; with callbacks
+    every log step is also reported to Ray Train (metrics only), not just the checkpoints.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -484,7 +486,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_id": run_id, "tracking_uri": uri,
-                           "export_meta": export_meta(cfg, plan, run_id)},
+                           "export_meta": export_meta(cfg, plan, run_id), "report_log_steps": bool(callbacks)},
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=900),
