@@ -10,6 +10,7 @@ tracking server of one's own), which saves a server start each.
 
 from __future__ import annotations
 
+import re
 import pytest
 import yaml
 
@@ -78,7 +79,8 @@ def train_sweep(workdir, digits8):
 def test_train_sweep_runs_each_trial_as_a_child_run_and_registers_the_best(workdir, train_sweep):
     code, out, err = train_sweep
     assert code == 0, err
-    assert "2 at once; each trial 0.1 CPU (driver) + workers 1 x 0.4 CPU" in out
+    # 2 at once on an idle 2-CPU Ray; fewer while earlier tests' actors still hold CPU
+    assert re.search(r"[12] at once; each trial 0\.1 CPU \(driver\) \+ workers 1 x 0\.4 CPU", out), out
     assert "registered: models:/sweep-tiny@best (version 1)" in out
     parent, children = _family(workdir, "tiny-lr")
     assert parent.info.status == "FINISHED" and len(children) == 2
@@ -90,10 +92,13 @@ def test_train_sweep_runs_each_trial_as_a_child_run_and_registers_the_best(workd
         assert c.info.status == "FINISHED" and c.data.tags["raygen.sweep.outcome"] == "finished"
         assert "eval/class_acc" in c.data.metrics and c.data.params["train.steps"] == "8"
         assert c.info.run_name.startswith("tiny-lr-")
-    best = max(children.values(), key=lambda c: c.data.metrics["eval/class_acc"])
+    top = max(c.data.metrics["eval/class_acc"] for c in children.values())
+    tied = {c.info.run_id for c in children.values() if c.data.metrics["eval/class_acc"] == top}
     client = _client(workdir)
     mv = client.get_model_version_by_alias("sweep-tiny", "best")
-    assert mv.run_id == best.info.run_id == parent.data.tags["raygen.sweep.best_run"]
+    # a tiny 8-step model can tie its sibling (20 samples): any of the best trials is right
+    assert mv.run_id == parent.data.tags["raygen.sweep.best_run"] and mv.run_id in tied
+    best = next(c for c in children.values() if c.info.run_id == mv.run_id)
     assert parent.data.metrics["best/eval/class_acc"] == best.data.metrics["eval/class_acc"]
     table = client.download_artifacts(parent.info.run_id, "sweep/results.txt", str(workdir))
     text = open(table).read()
