@@ -11,6 +11,7 @@ tracking server of one's own), which saves a server start each.
 from __future__ import annotations
 
 import re
+
 import pytest
 import yaml
 
