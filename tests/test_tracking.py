@@ -89,6 +89,35 @@ def test_unknown_names_and_aliases_list_what_exists(store, tmp_path):
         tracking.register(uri, run_id, "digits-ar", "v3")
 
 
+def test_a_sweeps_alias_brings_its_sampling_knobs(store, tmp_path):
+    from raygen.platform.evaluate import resolve_target
+
+    uri, exp = store
+    run_id = tracking.create_run(uri, exp, "t", {}, {})
+    export, _ = _export(tmp_path, run_id)
+    tracking.log_artifact(uri, run_id, export, tracking.MODEL_ARTIFACT)
+    tracking.register(uri, run_id, "digits-ar", "latest")
+    tracking.set_alias(uri, "digits-ar", "best-fid", 1)
+    tracking.set_alias(uri, "digits-ar", "best", 1)
+    # what a sample sweep tags (raygen.platform.sweep._register); other aliases' tags stay theirs
+    tracking.set_version_tags(uri, "digits-ar", 1, {
+        "raygen.sweep": "s", "raygen.sweep.best-fid.trial_run": "r", "raygen.sweep.best-fid.sample.cfg_scale": 3.0,
+        "raygen.sweep.best-fid.sample.steps": 16, "raygen.sweep.best-fid.sample.knobs.fine_temperature": 0.9,
+        "raygen.sweep.best.train.lr": 0.001})
+    knobs = {"sample.cfg_scale": 3.0, "sample.knobs.fine_temperature": 0.9, "sample.steps": 16}
+    assert tracking.alias_knobs(uri, "models:/digits-ar@best-fid") == knobs
+    for ref in ("models:/digits-ar@best", "models:/digits-ar@latest", "models:/digits-ar/1", f"runs:/{run_id}"):
+        assert tracking.alias_knobs(uri, ref) == {}
+    # the export's defaults (cfg 1.5) < the alias's knobs < flags < key=value overrides
+    flags = {"tracking.uri": uri}
+    t = resolve_target("models:/digits-ar@best-fid", [], flags)
+    assert (t.cfg.sample.cfg_scale, t.cfg.sample.steps, t.cfg.sample.per_label) == (3.0, 16, 2)
+    assert t.cfg.sample.knobs == {"fine_temperature": 0.9} and t.knobs == knobs
+    assert resolve_target("models:/digits-ar@best-fid", [], {**flags, "sample.cfg_scale": 5.0}).cfg.sample.cfg_scale == 5.0
+    assert resolve_target("models:/digits-ar@best-fid", ["sample.steps=4"], flags).cfg.sample.steps == 4
+    assert resolve_target("models:/digits-ar@latest", [], flags).cfg.sample.cfg_scale == 1.5
+
+
 def test_sample_grid_from_an_export(tmp_path):
     export, _ = _export(tmp_path)
     model, meta = load_export(export)

@@ -22,3 +22,18 @@ def print_dry_run(cfg: Config, derived: dict | None = None) -> None:
     sys.stdout.write(cfg.to_yaml())
     if derived:
         sys.stdout.write("# derived\n" + "".join(f"#   {k}: {v}\n" for k, v in derived.items()))
+
+
+def _knobs_text(knobs: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in knobs.items())
+
+
+def print_alias_knobs(model: str, knobs: dict) -> None:
+    """Say which sweep-chosen knobs a models:/NAME@ALIAS brought (flags and overrides still win)."""
+    if knobs:
+        print(f"{model}: the sweep's knobs {_knobs_text(knobs)} (flags and key=value overrides take precedence)")
+
+
+def alias_knobs_derived(knobs: dict) -> dict:
+    """The same, as a `# derived` line of a dry run."""
+    return {"sweep knobs": _knobs_text(knobs)} if knobs else {}

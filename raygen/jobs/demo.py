@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from raygen.jobs.common import add_config_args, print_dry_run, resolve
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded defaults (digits, 2 workers, ZeRO-2)")
@@ -45,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     shutil.copy(result.export_dir.parent / f"{result.export_dir.name}-samples.png", samples)
     acc = result.metrics.get("eval/class_acc")
     print(f"[4/4] samples: {samples} (one row per digit); class accuracy {acc:.3f}")
+    mlflow = Path(sys.executable).parent / "mlflow"  # the one installed beside raygen, wherever it runs from
     print(f"\ndone in {time.time() - t0:.0f} s. Browse the run with:\n"
-          f"  .venv/bin/mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1 --port 5000")
+          f"  {mlflow if mlflow.is_file() else 'mlflow'} ui --backend-store-uri {result.tracking_uri} "
+          "--host 127.0.0.1 --port 5000")
     return 0

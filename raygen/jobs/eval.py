@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from raygen.jobs.common import print_dry_run
+from raygen.jobs.common import alias_knobs_derived, print_alias_knobs, print_dry_run
 
 
 def add_parser(sub) -> None:
@@ -58,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--out goes with --make-reference")
     target = evaluate.resolve_target(args.model, args.overrides, flags)
     if args.dry_run:
-        print_dry_run(target.cfg, {"model": target.export_dir, "run": target.run_id})
+        print_dry_run(target.cfg, {"model": target.export_dir, "run": target.run_id, **alias_knobs_derived(target.knobs)})
         return 0
+    print_alias_knobs(args.model, target.knobs)
     r = evaluate.evaluate(target)
     for k, v in r["metrics"].items():
         print(f"{k} {v:.4f}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raygen.jobs.common import print_dry_run
+from raygen.jobs.common import alias_knobs_derived, print_alias_knobs, print_dry_run
 
 
 def add_parser(sub) -> None:
@@ -32,31 +32,21 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from raygen.config import load_config
-    from raygen.platform import tracking
     from raygen.errors import UserError
-    from raygen.platform.sampling import (
-        edit_grid,
-        is_digits,
-        load_edit_inputs,
-        load_export,
-        read_export_meta,
-        sample_grid,
-    )
+    from raygen.platform import tracking
+    from raygen.platform.evaluate import resolve_target
+    from raygen.platform.sampling import edit_grid, is_digits, load_edit_inputs, load_export, sample_grid
 
     flags = {"sample.labels": args.labels, "sample.per_label": args.per_label, "sample.cfg_scale": args.cfg,
              "sample.temperature": args.temperature, "sample.top_k": args.top_k, "sample.top_p": args.top_p,
              "sample.steps": args.steps, "sample.seed": args.seed, "tracking.uri": args.tracking_uri}
-    base = load_config(None, args.overrides, **flags)
-    uri = tracking.tracking_uri(base.workdir, base.tracking.uri)
-    export_dir, run_id = tracking.resolve_model(uri, args.model)
-    meta = read_export_meta(export_dir)
-    # The model's own sampling defaults, then whatever was given here.
-    cfg = load_config(None, args.overrides, **{**{f"sample.{k}": v for k, v in meta["sample"].items()},
-                                               **{k: v for k, v in flags.items() if v is not None}})
+    # The model's own sampling defaults, then a sweep's knobs for its alias, then whatever was given here.
+    target = resolve_target(args.model, args.overrides, flags)
+    cfg, uri, export_dir, run_id = target.cfg, target.uri, target.export_dir, target.run_id
     if args.dry_run:
-        print_dry_run(cfg, {"model": export_dir, "run": run_id})
+        print_dry_run(cfg, {"model": export_dir, "run": run_id, **alias_knobs_derived(target.knobs)})
         return 0
+    print_alias_knobs(args.model, target.knobs)
     if bool(args.edit) != bool(args.mask):
         raise UserError("--edit IMAGE and --mask MASK.png go together")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

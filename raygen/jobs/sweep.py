@@ -55,6 +55,6 @@ def run(args: argparse.Namespace) -> int:
         name, version, alias = r.registered
         print(f"registered: models:/{name}@{alias} (version {version})")
         if spec.kind == "sample":
-            print(f"sample it: raygen sample models:/{name}@{alias} "
-                  + " ".join(f"{k}={v}" for k, v in r.best.values.items()))
+            print(f"sample it: raygen sample models:/{name}@{alias}  (the alias brings the best knobs: "
+                  + ", ".join(f"{k}={v}" for k, v in r.best.values.items()) + ")")
     return 0

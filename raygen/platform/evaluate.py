@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ class EvalTarget:
     export_dir: Path
     run_id: str | None
     meta: dict[str, Any]
+    knobs: dict[str, Any] = field(default_factory=dict)  # from the alias's sweep (tracking.alias_knobs)
 
     @property
     def image_size(self) -> int:
@@ -65,7 +66,8 @@ class EvalTarget:
 
 
 def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> EvalTarget:
-    """The model's own sampling defaults, then the flags, then key=value overrides."""
+    """The model's own sampling defaults, then the knobs a sweep tagged on its alias, then the
+    flags, then key=value overrides."""
     from raygen.platform import tracking
     from raygen.platform.sampling import read_export_meta
 
@@ -73,9 +75,10 @@ def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> E
     uri = tracking.tracking_uri(base.workdir, base.tracking.uri)
     export_dir, run_id = tracking.resolve_model(uri, model)
     meta = read_export_meta(export_dir)
-    cfg = load_config(None, overrides, **{**{f"sample.{k}": v for k, v in meta["sample"].items()},
+    knobs = tracking.alias_knobs(uri, model)
+    cfg = load_config(None, overrides, **{**{f"sample.{k}": v for k, v in meta["sample"].items()}, **knobs,
                                           **{k: v for k, v in flags.items() if v is not None}})
-    return EvalTarget(cfg, uri, Path(export_dir), run_id, meta)
+    return EvalTarget(cfg, uri, Path(export_dir), run_id, meta, knobs)
 
 
 def balanced_labels(classes: list[int], n: int) -> list[int]:

@@ -340,6 +340,26 @@ def model_version(uri: str, model: str) -> tuple[str, int] | None:
     return name, int(version)
 
 
+def alias_knobs(uri: str, model: str) -> dict[str, Any]:
+    """The sampling knobs a sample-time sweep tagged on the version behind models:/NAME@ALIAS.
+
+    A sweep that ranks knobs on one model sets ALIAS on that model's version and tags it
+    `raygen.sweep.ALIAS.sample.*` (see `raygen.platform.sweep`); the alias then means "these
+    weights at these knobs". {} for any other reference, or an alias no sweep set.
+    """
+    from raygen.config import parse_override
+
+    if not model.startswith("models:/") or "@" not in model:
+        return {}
+    name, alias = model[len("models:/") :].split("@", 1)
+    if alias.lower() == LATEST:
+        return {}
+    prefix = f"raygen.sweep.{alias}."
+    tags = _client(uri).get_model_version_by_alias(name, alias).tags
+    return dict(parse_override(f"{k[len(prefix):]}={v}") for k, v in sorted(tags.items())
+                if k.startswith(prefix + "sample."))
+
+
 def set_version_tags(uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
     client = _client(uri)
     for k, v in tags.items():
