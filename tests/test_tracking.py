@@ -36,6 +36,16 @@ def store(tmp_path, monkeypatch):
     return uri, exp
 
 
+def _registered(store, tmp_path):
+    """(uri, run id) of a run whose export is registered as digits-ar version 1."""
+    uri, exp = store
+    run_id = tracking.create_run(uri, exp, "t", {}, {})
+    export, _ = _export(tmp_path, run_id)
+    tracking.log_artifact(uri, run_id, export, tracking.MODEL_ARTIFACT)
+    tracking.register(uri, run_id, "digits-ar", "latest")
+    return uri, run_id
+
+
 def test_default_store_is_sqlite_in_workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -70,11 +80,7 @@ def test_registry_round_trip_and_model_uris(store, tmp_path):
 
 
 def test_unknown_names_and_aliases_list_what_exists(store, tmp_path):
-    uri, exp = store
-    run_id = tracking.create_run(uri, exp, "t", {}, {})
-    export, _ = _export(tmp_path, run_id)
-    tracking.log_artifact(uri, run_id, export, tracking.MODEL_ARTIFACT)
-    tracking.register(uri, run_id, "digits-ar", "latest")
+    uri, run_id = _registered(store, tmp_path)
     with pytest.raises(UserError, match="no registered model 'digits-arr'; registered: digits-ar"):
         tracking.resolve_model(uri, "models:/digits-arr@latest")
     with pytest.raises(UserError, match="has no alias 'best'; aliases: latest; versions: 1"):
@@ -92,11 +98,7 @@ def test_unknown_names_and_aliases_list_what_exists(store, tmp_path):
 def test_a_sweeps_alias_brings_its_sampling_knobs(store, tmp_path):
     from raygen.platform.evaluate import resolve_target
 
-    uri, exp = store
-    run_id = tracking.create_run(uri, exp, "t", {}, {})
-    export, _ = _export(tmp_path, run_id)
-    tracking.log_artifact(uri, run_id, export, tracking.MODEL_ARTIFACT)
-    tracking.register(uri, run_id, "digits-ar", "latest")
+    uri, run_id = _registered(store, tmp_path)
     tracking.set_alias(uri, "digits-ar", "best-fid", 1)
     tracking.set_alias(uri, "digits-ar", "best", 1)
     # what a sample sweep tags (raygen.platform.sweep._register); other aliases' tags stay theirs
