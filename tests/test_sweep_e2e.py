@@ -11,6 +11,7 @@ tracking server of one's own), which saves a server start each.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 import yaml
@@ -130,7 +131,7 @@ def test_sample_sweep_scores_knobs_of_the_registered_model(workdir, train_sweep,
     code, out, err = run_cli("sweep", spec, f"workdir={workdir}", "--tracking-uri", server)
     assert code == 0, err
     assert "MLflow server" not in out  # the store is a server already
-    assert "sample it: raygen sample models:/sweep-tiny@best-fid sample.cfg_scale=" in out
+    assert "sample it: raygen sample models:/sweep-tiny@best-fid  (the alias brings the best knobs: sample.cfg_scale=" in out
     parent, children = _family(workdir, "tiny-cfg")
     assert parent.info.status == "FINISHED" and len(children) == 3
     assert sorted(float(c.data.params["sample.cfg_scale"]) for c in children.values()) == [1.0, 2.0, 3.0]
@@ -149,6 +150,16 @@ def test_sample_sweep_scores_knobs_of_the_registered_model(workdir, train_sweep,
     assert float(mv.tags["raygen.sweep.best-fid.sample.cfg_scale"]) == min(best_cfgs)
     arts = {a.path for a in client.list_artifacts(best.info.run_id, "samples")}
     assert arts == {"samples/samples.png"}
+    # Sampling through the alias uses the sweep's knobs; a flag still wins over them.
+    best_cfg = float(mv.tags["raygen.sweep.best-fid.sample.cfg_scale"])
+    for extra, cfg in (([], best_cfg), (["--cfg", "7.5"], 7.5)):
+        code, out, err = run_cli("sample", "models:/sweep-tiny@best-fid", "--dry-run", *extra, f"workdir={workdir}",
+                                 "--tracking-uri", server)
+        assert code == 0, err
+        assert f"#   sweep knobs: sample.cfg_scale={best_cfg}" in out
+        assert yaml.safe_load(out.split("# derived")[0])["sample"]["cfg_scale"] == cfg
+    code, out, err = run_cli("sample", "models:/sweep-tiny@best", "--dry-run", f"workdir={workdir}", "--tracking-uri", server)
+    assert code == 0 and "sweep knobs" not in out  # the train sweep's alias tags no sampling knobs
 
 
 def test_asha_stops_the_worse_train_trial_early(workdir, digits8, server, run_cli):
@@ -170,3 +181,42 @@ def test_asha_stops_the_worse_train_trial_early(workdir, digits8, server, run_cl
     assert stopped.data.tags["raygen.sweep.outcome"] == "stopped early at step 4 (ASHA)"
     steps = [m.step for m in _client(workdir).get_metric_history(stopped.info.run_id, "train/loss")]
     assert max(steps) < 16
+    # The stopped trial's workers give their CPUs back. Ray Train's placement-group cleaner learns
+    # that a stopped trial's controller died through the State API (init_ray starts the dashboard
+    # for it); without it every stopped trial kept its workers' CPUs and later trials hung.
+    import ray
+
+    total, deadline = ray.cluster_resources()["CPU"], time.time() + 60
+    while ray.available_resources().get("CPU", 0) < total - 1e-6 and time.time() < deadline:
+        time.sleep(1)
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(total)
+
+
+def test_ctrl_c_ends_the_sweep_with_what_ran_and_registers_nothing(workdir, train_sweep, server):
+    # `raygen sweep` in its own process (and its own local Ray), interrupted as a user would.
+    import signal
+    import subprocess
+    import sys
+
+    spec = _spec(workdir, "tiny-ctrl-c", {
+        "model": "models:/sweep-tiny@best", "n": 10, "overrides": ["eval.batch_size=10"],
+        "space": {"sample.cfg_scale": {"grid": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]}}, "metric": "eval/fd_digits",
+        "max_concurrent_trials": 1, "register": {"alias": "ctrl-c"}})
+    proc = subprocess.Popen([sys.executable, "-m", "raygen.cli", "sweep", spec, f"workdir={workdir}",
+                             "--tracking-uri", server], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.match(r"sweep: trial \S+ finished", line):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, out
+    assert "sweep interrupted: nothing registered" in out
+    ran = re.search(r"interrupted: (\d+) of 8 trials ran to their end", out)
+    assert ran and 1 <= int(ran.group(1)) < 8, out
+    parent, children = _family(workdir, "tiny-ctrl-c")
+    assert parent.info.status == "KILLED" and parent.data.metrics["sweep/trials_finished"] >= 1
+    assert {c.data.tags["raygen.sweep.outcome"] for c in children.values()} <= {"finished", "interrupted"}
+    assert all(c.info.status != "RUNNING" for c in children.values())
+    assert "ctrl-c" not in _client(workdir).get_registered_model("sweep-tiny").aliases

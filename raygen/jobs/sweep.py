@@ -51,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     print(r.table, end="")
     print(f"sweep {spec.name}: {len(r.rows)} trials in {r.seconds:.0f} s; parent run {r.parent_run_id}")
     print(f"tracking: {r.uri}  (Tune logs: {r.tune_path})")
+    if r.interrupted:
+        print("sweep interrupted: nothing registered"
+              + (f"; to register the best so far: raygen models register {r.best.run_id} --name NAME --alias ALIAS"
+                 if r.best is not None and r.best.run_id and spec.kind == "train" else ""))
+        return 130
     if r.registered:
         name, version, alias = r.registered
         print(f"registered: models:/{name}@{alias} (version {version})")

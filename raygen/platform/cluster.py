@@ -29,7 +29,26 @@ def init_ray(cfg: RayConfig) -> None:
     if address:
         ray.init(address=address, **common)
     else:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, **common)
+        # With the dashboard on: Ray Train's PlacementGroupCleaner (a detached actor) frees a
+        # run's worker placement group when its controller dies without doing so itself (a
+        # sweep trial that ASHA stops), and it learns of the death through the State API, which
+        # the dashboard serves. Without it every stopped trial keeps its workers' CPUs and the
+        # next trials wait forever. The API address is pinned for this instance's processes
+        # (they inherit the environment): found by itself it is ambiguous once another Ray
+        # instance runs on the machine.
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **common)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def quiet_worker_errors() -> None:

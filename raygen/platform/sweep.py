@@ -479,7 +479,7 @@ def score(feats: dict[str, Any], ctx: dict[str, Any]) -> dict[str, float]:
 class TrialRow:
     trial_id: str
     values: dict[str, Any]
-    status: str  # finished | stopped | diverged | error
+    status: str  # finished | stopped (by ASHA) | diverged | error | interrupted (Ctrl+C)
     metrics: dict[str, float]
     step: int | None
     seconds: float | None
@@ -497,6 +497,7 @@ class SweepResult:
     table: str
     seconds: float
     tune_path: str
+    interrupted: bool = False  # Ctrl+C: the table holds what ran; nothing is registered
 
 
 def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepResult:
@@ -545,7 +546,7 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
                 f"(log {server.log_path})")
         ctx.update(uri=trial_uri, experiment=exp, parent=parent)
         out(f"sweep {spec.name}: {spec.trials} trials, {plan.resources.describe()}; parent run {parent}")
-        grid = _tune(plan, ctx, out)
+        grid, ended = _tune(plan, ctx, out)
     except BaseException:
         if server:
             server.stop()
@@ -553,14 +554,17 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
         raise
     if server:
         server.stop()
-    rows = _rows(grid, spec)
+    rows = _rows(grid, spec, ended)
+    interrupted = len(rows) < spec.trials or any(r.status == "interrupted" for r in rows)
     _finish_child_runs(uri, exp, parent, rows)
     best = _best(rows, spec)
     table = format_table(rows, spec, best)
+    if interrupted:
+        table += f"interrupted: {sum(r.status != 'interrupted' for r in rows)} of {spec.trials} trials ran to their end\n"
     tracking.log_text(uri, parent, table, "sweep/results.txt")
     tracking.log_text(uri, parent, json.dumps([dataclasses.asdict(r) for r in rows], indent=1, default=str),
                       "sweep/results.json")
-    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "diverged", "error")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped", "diverged", "error", "interrupted")}
     summary = {f"sweep/trials_{k}": float(v) for k, v in counts.items()}
     summary["sweep/seconds"] = time.time() - t0
     registered = None
@@ -569,13 +573,14 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
         tracking.set_tags(uri, parent, {"raygen.sweep.best_trial": best.trial_id, "raygen.sweep.best_run": best.run_id,
                                         **{f"raygen.sweep.best.{k}": v for k, v in best.values.items()}})
         tracking.log_text(uri, parent, json.dumps(best.values, indent=1), "sweep/best_config.json")
-        if spec.register:
+        if spec.register and not interrupted:  # an alias names the best of the whole sweep, not of a part
             registered = _register(plan, best)
         status = "FINISHED"
     tracking.log_metrics(uri, parent, summary, 0)
-    tracking.set_terminated(uri, parent, status)
-    result = SweepResult(parent, uri, rows, best, registered, table, time.time() - t0, str(grid.experiment_path))
-    if best is None:
+    tracking.set_terminated(uri, parent, "KILLED" if interrupted else status)
+    result = SweepResult(parent, uri, rows, best, registered, table, time.time() - t0, str(grid.experiment_path),
+                         interrupted)
+    if best is None and not interrupted:
         errors = [r.error for r in rows if r.error]
         raise UserError(f"sweep {spec.name}: no trial finished ({counts['error']} failed"
                         + (f"; first error: {errors[0]}" if errors else "") + f"); parent run {parent}, "
@@ -642,6 +647,7 @@ def _tune(plan: SweepPlan, ctx: dict[str, Any], out: Callable[[str], None]):
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     spec, res = plan.spec, plan.resources
+    progress = _progress(spec, out)
     fn = _train_trial if spec.kind == "train" else _sample_trial
     trainable = tune.with_resources(tune.with_parameters(fn, ctx=ctx), res.tune)
     scheduler = ASHAScheduler(**plan.asha) if plan.asha else FIFOScheduler()
@@ -654,23 +660,30 @@ def _tune(plan: SweepPlan, ctx: dict[str, Any], out: Callable[[str], None]):
                                                                      max_concurrent=res.concurrency)),
         run_config=tune.RunConfig(name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(storage),
                                   failure_config=tune.FailureConfig(max_failures=spec.max_failures), verbose=0,
-                                  callbacks=[_progress(spec, out)]),
+                                  callbacks=[progress]),
     )
-    return tuner.fit()
+    return tuner.fit(), progress.ended
 
 
 def _progress(spec: SweepSpec, out: Callable[[str], None]):
-    """One line per trial event on the driver's console (Tune's own tables are off)."""
+    """One line per trial event on the driver's console (Tune's own tables are off), and the ids of
+    the trials that ended (finished, stopped by the scheduler or failed): on Ctrl+C Tune returns
+    the rest as they were, and only this tells them from trials ASHA stopped."""
     from ray.tune import Callback
 
     def values(trial) -> str:
         return ", ".join(f"{k}={_fmt(trial.config.get(k))}" for k in (d.key for d in spec.space))
 
     class Progress(Callback):
+        def __init__(self):
+            super().__init__()
+            self.ended: set[str] = set()
+
         def on_trial_start(self, iteration, trials, trial, **info):
             out(f"sweep: trial {trial.trial_id} started ({values(trial)})")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
             r = trial.last_result or {}
             if r.get(DONE):
                 what = f"finished: {spec.metric} {_fmt(r.get(spec.metric))}"
@@ -681,6 +694,7 @@ def _progress(spec: SweepSpec, out: Callable[[str], None]):
             out(f"sweep: trial {trial.trial_id} {what}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended.add(trial.trial_id)
             out(f"sweep: trial {trial.trial_id} failed ({values(trial)}); see {trial.path}")
 
     return Progress()
@@ -694,7 +708,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _rows(grid, spec: SweepSpec) -> list[TrialRow]:
+def _rows(grid, spec: SweepSpec, ended: set[str]) -> list[TrialRow]:
     import re
 
     keys = [d.key for d in spec.space]
@@ -714,8 +728,10 @@ def _rows(grid, spec: SweepSpec) -> list[TrialRow]:
             status = "error"
         elif m.get(DIVERGED):
             status = "diverged"
-        else:
+        elif trial_id in ended:
             status = "stopped"
+        else:
+            status = "interrupted"
         steps = [int(s) for s in df["step"].dropna()] if df is not None and "step" in df.columns else []
         metrics = {k: float(v) for k, v in final.items()
                    if "/" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("raygen/")}
@@ -741,7 +757,7 @@ def _finish_child_runs(uri: str, exp: str, parent: str, rows: list[TrialRow]) ->
         outcome = row.status if row.status != "stopped" else f"stopped early at step {row.step} (ASHA)"
         tracking.set_tags(uri, row.run_id, {OUTCOME_TAG: outcome})
         if run.info.status == "RUNNING":
-            tracking.set_terminated(uri, row.run_id, "KILLED" if row.status == "stopped" else "FAILED")
+            tracking.set_terminated(uri, row.run_id, "KILLED" if row.status in ("stopped", "interrupted") else "FAILED")
 
 
 def _best(rows: list[TrialRow], spec: SweepSpec) -> TrialRow | None:

@@ -380,14 +380,13 @@ class LocalServer:
     """
 
     def __init__(self, store_uri: str, workdir: str, log_dir: str | Path):
-        import socket
         import subprocess
         import sys
 
+        from raygen.platform.cluster import free_port
+
         self.store_uri = store_uri
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = Path(log_dir) / f"mlflow-server-{self.port}.log"
