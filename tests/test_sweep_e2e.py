@@ -10,6 +10,7 @@ tracking server of one's own), which saves a server start each.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 
@@ -189,7 +190,9 @@ def test_asha_stops_the_worse_train_trial_early(workdir, digits8, server, run_cl
     total, deadline = ray.cluster_resources()["CPU"], time.time() + 60
     while ray.available_resources().get("CPU", 0) < total - 1e-6 and time.time() < deadline:
         time.sleep(1)
-    assert ray.available_resources().get("CPU", 0) == pytest.approx(total)
+    held = {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+    assert ray.available_resources().get("CPU", 0) == pytest.approx(total), f"placement groups left: {held}"
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # pinned for Ray's own processes only
 
 
 def test_ctrl_c_ends_the_sweep_with_what_ran_and_registers_nothing(workdir, train_sweep, server):

@@ -33,13 +33,24 @@ def init_ray(cfg: RayConfig) -> None:
         # run's worker placement group when its controller dies without doing so itself (a
         # sweep trial that ASHA stops), and it learns of the death through the State API, which
         # the dashboard serves. Without it every stopped trial keeps its workers' CPUs and the
-        # next trials wait forever. The API address is pinned for this instance's processes
-        # (they inherit the environment): found by itself it is ambiguous once another Ray
-        # instance runs on the machine.
+        # next trials wait forever. The API address is pinned for this instance's processes,
+        # which inherit the environment ray.init starts them with (found by itself it is
+        # ambiguous once another Ray instance runs on the machine), and only for them: a later
+        # child of this process may belong to another cluster.
         port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, **common)
+        before = os.environ.get(API_SERVER_VAR)
+        os.environ[API_SERVER_VAR] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, **common)
+        finally:
+            if before is None:
+                del os.environ[API_SERVER_VAR]
+            else:
+                os.environ[API_SERVER_VAR] = before
+
+
+API_SERVER_VAR = "RAY_API_SERVER_ADDRESS"
 
 
 def free_port() -> int:
