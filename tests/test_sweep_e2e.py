@@ -112,6 +112,19 @@ def test_train_sweep_runs_each_trial_as_a_child_run_and_registers_the_best(workd
     assert [m.step for m in history] == [2, 4, 6, 8]
 
 
+def _cpus_settled(timeout: float = 60.0):
+    """(free CPUs, all CPUs, placement groups still held) of the shared cluster once every CPU is
+    free again or `timeout` passed: what a trial held is released asynchronously after it ends,
+    and an in-process sweep sizes itself from the free CPUs."""
+    import ray
+
+    total, deadline = ray.cluster_resources()["CPU"], time.time() + timeout
+    while ray.available_resources().get("CPU", 0) < total - 1e-6 and time.time() < deadline:
+        time.sleep(1)
+    held = {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
+    return ray.available_resources().get("CPU", 0), total, held
+
+
 @pytest.fixture(scope="module")
 def server(workdir, train_sweep):
     from raygen.platform.tracking import LocalServer
@@ -125,6 +138,7 @@ def server(workdir, train_sweep):
 
 def test_sample_sweep_scores_knobs_of_the_registered_model(workdir, train_sweep, server, run_cli):
     assert train_sweep[0] == 0
+    _cpus_settled()
     spec = _spec(workdir, "tiny-cfg", {
         "model": "models:/sweep-tiny@best", "n": 20, "overrides": ["eval.batch_size=10"],
         "space": {"sample.cfg_scale": {"grid": [1.0, 2.0, 3.0]}}, "metric": "eval/fd_digits",
@@ -170,6 +184,7 @@ def test_asha_stops_the_worse_train_trial_early(workdir, digits8, server, run_cl
         "base": "demo", "data": str(digits8), "overrides": [*TINY, "train.cpus_per_worker=0.4", "train.steps=16"],
         "space": {"train.lr": {"grid": [3e-3, 1e-7]}}, "max_concurrent_trials": 1,
         "scheduler": {"name": "asha", "grace_period": 4, "reduction_factor": 2}})
+    _cpus_settled()
     code, out, err = run_cli("sweep", spec, f"workdir={workdir}", "--tracking-uri", server)
     assert code == 0, err
     assert "stopped early at step 4" in out
@@ -185,13 +200,8 @@ def test_asha_stops_the_worse_train_trial_early(workdir, digits8, server, run_cl
     # The stopped trial's workers give their CPUs back. Ray Train's placement-group cleaner learns
     # that a stopped trial's controller died through the State API (init_ray starts the dashboard
     # for it); without it every stopped trial kept its workers' CPUs and later trials hung.
-    import ray
-
-    total, deadline = ray.cluster_resources()["CPU"], time.time() + 60
-    while ray.available_resources().get("CPU", 0) < total - 1e-6 and time.time() < deadline:
-        time.sleep(1)
-    held = {k: v["bundles"] for k, v in ray.util.placement_group_table().items() if v["state"] != "REMOVED"}
-    assert ray.available_resources().get("CPU", 0) == pytest.approx(total), f"placement groups left: {held}"
+    free, total, held = _cpus_settled()
+    assert free == pytest.approx(total), f"placement groups left: {held}"
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # pinned for Ray's own processes only
 
 
