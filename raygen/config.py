@@ -391,17 +391,22 @@ def preset_names() -> list[str]:
 
 
 def preset_path(preset: str) -> Path:
-    p = Path(preset)
+    return find_yaml(preset, CONFIG_DIR, "preset", "available")
+
+
+def find_yaml(name: str, directory: Path, what: str, listing: str) -> Path:
+    """A .yaml/.yml file given by its path, or by its name in `directory`; else one line that lists
+    the names there (`listing` introduces them) and the nearest one."""
+    p = Path(name)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_file():
-            raise ConfigError(f"preset file '{preset}' does not exist")
+            raise ConfigError(f"{what} file '{name}' does not exist")
         return p
-    named = CONFIG_DIR / f"{preset.lower()}.yaml"
+    named = directory / f"{name.lower()}.yaml"
     if not named.is_file():
-        names = preset_names()
-        raise ConfigError(
-            f"unknown preset '{preset}'; available: {', '.join(names) or '(none)'}{_suggest(preset.lower(), names)}"
-        )
+        names = sorted(q.stem for q in directory.glob("*.yaml"))
+        raise ConfigError(f"unknown {what} '{name}'; {listing}: {', '.join(names) or '(none)'}"
+                          f"{_suggest(name.lower(), names)}")
     return named
 
 

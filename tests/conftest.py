@@ -23,6 +23,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def digits8(ray_local, tmp_path_factory):
+    """The demo's data set (8x8 digits, 16 grey levels), tokenized once for every e2e test that
+    only reads it."""
+    from raygen.config import load_config
+    from raygen.platform.tokenize import tokenize
+
+    root = tmp_path_factory.mktemp("digits8")
+    cfg = load_config("demo", [f"workdir={root}", f"data.shards={root / 'digits8'}"])
+    return tokenize(cfg, progress=False).out
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run `raygen ...` in-process; returns (exit code, stdout, stderr)."""

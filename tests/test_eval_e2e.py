@@ -31,15 +31,6 @@ def workdir(ray_local, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits8(workdir):
-    from raygen.config import load_config
-    from raygen.platform.tokenize import tokenize
-
-    cfg = load_config("demo", [f"workdir={workdir}", f"data.shards={workdir / 'digits8'}"])
-    return tokenize(cfg, progress=False).out
-
-
-@pytest.fixture(scope="module")
 def registered(workdir, digits8):
     """(run id, model URI) of a tiny AR trained through Ray Train and registered in MLflow."""
     from raygen.config import load_config

@@ -29,15 +29,6 @@ def workdir(ray_local, tmp_path_factory):
     return tmp_path_factory.mktemp("sweep-e2e")
 
 
-@pytest.fixture(scope="module")
-def digits8(workdir):
-    from raygen.config import load_config
-    from raygen.platform.tokenize import tokenize
-
-    cfg = load_config("demo", [f"workdir={workdir}", f"data.shards={workdir / 'digits8'}"])
-    return tokenize(cfg, progress=False).out
-
-
 def _spec(workdir, name: str, body: dict):
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **body}))

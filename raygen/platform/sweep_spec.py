@@ -33,7 +33,7 @@ from typing import Any, Union
 
 import yaml
 
-from raygen.config import CONFIG_DIR, Config, load_config
+from raygen.config import CONFIG_DIR, Config, find_yaml, load_config
 from raygen.errors import ConfigError, UserError
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -153,18 +153,7 @@ def spec_names() -> list[str]:
 
 def spec_path(spec: str) -> Path:
     """A YAML file, or the name of a spec in raygen/configs/sweeps/."""
-    p = Path(spec)
-    if p.suffix in (".yaml", ".yml") or p.is_file():
-        if not p.is_file():
-            raise UserError(f"sweep spec '{spec}' does not exist")
-        return p
-    named = SWEEP_DIR / f"{spec.lower()}.yaml"
-    if not named.is_file():
-        names = spec_names()
-        near = difflib.get_close_matches(spec.lower(), names, n=1, cutoff=0.5)
-        raise UserError(f"unknown sweep spec '{spec}'; give a YAML file or one of: {', '.join(names) or '(none)'}"
-                        + (f"; did you mean '{near[0]}'?" if near else ""))
-    return named
+    return find_yaml(spec, SWEEP_DIR, "sweep spec", "give a YAML file or one of")
 
 
 def load_spec(spec: str) -> SweepSpec:
