@@ -280,7 +280,8 @@ def _coerce(tp: Any, value: Any) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def suggest(key: str, valid: list[str]) -> str:
+    """'; did you mean X?' for the nearest of `valid`, or ''."""
     near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{near[0]}'?" if near else ""
 
@@ -296,7 +297,7 @@ def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
             valid = sorted(fields)
             where = prefix.rstrip(".") or "the top level"
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'; valid keys at {where}: {', '.join(valid)}{_suggest(str(key), valid)}"
+                f"unknown config key '{prefix}{key}'; valid keys at {where}: {', '.join(valid)}{suggest(str(key), valid)}"
             )
         tp = hints[key]
         current = getattr(obj, key)
@@ -406,7 +407,7 @@ def find_yaml(name: str, directory: Path, what: str, listing: str) -> Path:
     if not named.is_file():
         names = sorted(q.stem for q in directory.glob("*.yaml"))
         raise ConfigError(f"unknown {what} '{name}'; {listing}: {', '.join(names) or '(none)'}"
-                          f"{_suggest(name.lower(), names)}")
+                          f"{suggest(name.lower(), names)}")
     return named
 
 

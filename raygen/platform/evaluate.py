@@ -396,17 +396,8 @@ def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     keep = min(e.n, e.batch_size, 8 * len(classes)) // len(classes) * len(classes)  # whole rows for the grid
     got = sample_features(cfg, payload, labels, keep_images=keep, progress=progress)
 
-    out: dict[str, float] = {}
-    if digits is not None:
-        out["eval/class_acc"] = float((got["digits_pred"] == got["labels"]).mean())
-        s = digits_ref.get(M.DIGITS, digits[1])
-        out["eval/fd_digits"] = M.frechet_distance(*M.feature_stats(got["digits_features"]), s["mu"], s["sigma"])
-    if weights is not None:
-        out["eval/is"], out["eval/is_std"] = M.inception_score(got["inception_logits"], e.is_splits)
-        if fid_ref:
-            s = reference.get(M.INCEPTION, weights.fingerprint)
-            out["eval/fid"] = M.frechet_distance(*M.feature_stats(got["inception_pool"]), s["mu"], s["sigma"])
-            out["eval/precision"], out["eval/recall"] = M.precision_recall(s["features"], got["inception_pool"], e.pr_k)
+    out = score_features(got, digits_ref.get(M.DIGITS, digits[1]) if digits is not None else None,
+                         reference.get(M.INCEPTION, weights.fingerprint) if fid_ref else None, e.is_splits, e.pr_k)
     out["perf/eval_images_per_s"] = e.n / got["seconds"]
 
     extractors = ([f"{M.DIGITS}:{digits[1]}"] if digits else []) + ([f"{M.INCEPTION}:{weights.fingerprint}"] if weights else [])
@@ -417,6 +408,28 @@ def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     if target.run_id:
         _log(target, result, got.get("images"), got["labels"], classes)
     return result
+
+
+def score_features(feats: dict[str, np.ndarray], digits_ref: dict[str, Any] | None,
+                   inception_ref: dict[str, Any] | None, is_splits: int, pr_k: int) -> dict[str, float]:
+    """The metrics of sampled features (`raygen eval`'s, and a sample sweep trial's): class accuracy
+    and FD-digits when the digits classifier ran, IS when Inception ran, FID against
+    `inception_ref` ({mu, sigma}), and precision/recall when it also holds the real `features`."""
+    out: dict[str, float] = {}
+    if "digits_pred" in feats:
+        out["eval/class_acc"] = float((feats["digits_pred"] == feats["labels"]).mean())
+        if digits_ref is not None:
+            out["eval/fd_digits"] = M.frechet_distance(*M.feature_stats(feats["digits_features"]),
+                                                       digits_ref["mu"], digits_ref["sigma"])
+    if "inception_logits" in feats:
+        out["eval/is"], out["eval/is_std"] = M.inception_score(feats["inception_logits"], is_splits)
+        if inception_ref is not None:
+            out["eval/fid"] = M.frechet_distance(*M.feature_stats(feats["inception_pool"]),
+                                                 inception_ref["mu"], inception_ref["sigma"])
+            if "features" in inception_ref:
+                out["eval/precision"], out["eval/recall"] = M.precision_recall(inception_ref["features"],
+                                                                               feats["inception_pool"], pr_k)
+    return out
 
 
 def _log(target: EvalTarget, result: dict[str, Any], images: np.ndarray | None, labels: np.ndarray,

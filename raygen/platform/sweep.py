@@ -290,6 +290,8 @@ def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri
 
 def describe(plan: SweepPlan) -> str:
     """What --dry-run prints."""
+    from raygen.platform import tracking
+
     spec = plan.spec
     lines = [f"sweep {spec.name} ({spec.kind}-time) from {spec.source}"]
     if spec.description:
@@ -311,7 +313,7 @@ def describe(plan: SweepPlan) -> str:
     else:
         lines.append("  scheduler: none (every trial runs to the end)")
     lines.append(f"  resources: {plan.resources.describe()}")
-    server = " (a local mlflow server fronts it while trials run)" if _server_needed(plan.uri) else ""
+    server = " (a local mlflow server fronts it while trials run)" if tracking.needs_local_server(plan.uri) else ""
     lines.append(f"  tracking: {plan.uri}{server}; parent run + one child run per trial")
     if spec.register:
         name = spec.register["name"] or (plan.model or "").split("models:/")[-1].split("@")[0].split("/")[0]
@@ -321,12 +323,6 @@ def describe(plan: SweepPlan) -> str:
     lines.append("# base config of every trial" if spec.kind == "train" else "# sampling config of every trial")
     body = plan.base.to_yaml() if spec.kind == "train" else json.dumps(dataclasses.asdict(plan.base.sample)) + "\n"
     return "\n".join(lines) + "\n" + body
-
-
-def _server_needed(uri: str) -> bool:
-    from raygen.platform import tracking
-
-    return tracking.needs_local_server(uri)
 
 
 # --------------------------------------------------------------------------------------
@@ -401,7 +397,7 @@ def _sample_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from raygen.platform import tracking
-    from raygen.platform.evaluate import SamplerWorker, balanced_labels, batch_seed
+    from raygen.platform.evaluate import SamplerWorker, balanced_labels, batch_seed, score_features
 
     t0 = time.time()
     os.environ["MLFLOW_TRACKING_URI"] = ctx["uri"]
@@ -428,7 +424,7 @@ def _sample_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                        "keep_images": keep if i == 0 else 0}) for i, s in enumerate(range(0, len(labels), bs))]
     seconds = time.perf_counter() - t_sample
     feats = {k: np.concatenate([g[k] for g in got]) for k in got[0] if isinstance(got[0][k], np.ndarray) and k != "images"}
-    metrics = score(feats, ctx)
+    metrics = score_features(feats, ctx["digits_ref"], ctx["fid_ref"], ctx["is_splits"], pr_k=0)  # as `raygen eval`
     metrics["perf/eval_images_per_s"] = cfg.eval.n / seconds
     tracking.log_metrics(uri, run_id, metrics, 0)
     images = got[0].get("images")
@@ -450,23 +446,6 @@ def _sample_params(cfg: Config) -> dict[str, Any]:
     """A sample trial's config: its sampling settings and how much it evaluates."""
     out = {k: v for k, v in cfg.flat().items() if k.startswith("sample.")}
     out.update({"eval.n": cfg.eval.n, "eval.batch_size": cfg.eval.batch_size})
-    return out
-
-
-def score(feats: dict[str, Any], ctx: dict[str, Any]) -> dict[str, float]:
-    """Metrics of one trial's samples, computed as `raygen eval` computes them."""
-    from raygen.platform import metrics as M
-
-    out: dict[str, float] = {}
-    if "digits_pred" in feats:
-        out["eval/class_acc"] = float((feats["digits_pred"] == feats["labels"]).mean())
-        ref = ctx["digits_ref"]
-        out["eval/fd_digits"] = M.frechet_distance(*M.feature_stats(feats["digits_features"]), ref["mu"], ref["sigma"])
-    if "inception_logits" in feats:
-        out["eval/is"], out["eval/is_std"] = M.inception_score(feats["inception_logits"], ctx["is_splits"])
-        if ctx.get("fid_ref"):
-            ref = ctx["fid_ref"]
-            out["eval/fid"] = M.frechet_distance(*M.feature_stats(feats["inception_pool"]), ref["mu"], ref["sigma"])
     return out
 
 

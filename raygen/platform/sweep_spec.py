@@ -22,7 +22,6 @@ This module knows the spec's shape and the config tree; it never touches Ray or 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -33,7 +32,7 @@ from typing import Any, Union
 
 import yaml
 
-from raygen.config import CONFIG_DIR, Config, find_yaml, load_config
+from raygen.config import CONFIG_DIR, Config, find_yaml, load_config, suggest
 from raygen.errors import ConfigError, UserError
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -185,9 +184,8 @@ def parse_spec(raw: Any, *, source: str = "<spec>", default_name: str = "sweep")
         raise _bad(source, "must be a mapping of spec keys (space, metric, ...)")
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
-        near = difflib.get_close_matches(str(unknown[0]), list(SPEC_KEYS), n=1, cutoff=0.5)
         raise _bad(source, f"unknown key '{unknown[0]}'; valid keys: {', '.join(SPEC_KEYS)}"
-                   + (f"; did you mean '{near[0]}'?" if near else ""))
+                   + suggest(str(unknown[0]), list(SPEC_KEYS)))
     name = str(raw.get("name") or default_name)
     if not NAME_RE.match(name):
         raise _bad(source, f"bad name '{name}'; use letters, digits, '.', '_' and '-'")
@@ -267,9 +265,8 @@ def _parse_dist(key: str, value: Any, source: str) -> Dist:
         raise _bad(source, f"space.{key} must be one distribution, e.g. {example}; got {value!r}")
     (kind, args), = value.items()
     if kind not in DISTRIBUTIONS:
-        near = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1, cutoff=0.5)
         raise _bad(source, f"space.{key}: unknown distribution '{kind}'; use one of {', '.join(DISTRIBUTIONS)}"
-                   + (f"; did you mean '{near[0]}'?" if near else ""))
+                   + suggest(str(kind), list(DISTRIBUTIONS)))
     if not isinstance(args, list) or not args:
         raise _bad(source, f"space.{key}: {kind} takes a non-empty list, e.g. {example}")
     if kind in ("choice", "grid"):

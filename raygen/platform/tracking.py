@@ -52,7 +52,7 @@ def ensure_experiment(uri: str, name: str, workdir: str) -> str:
 
 
 def create_run(uri: str, experiment_id: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     client = _client(uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
@@ -235,33 +235,8 @@ def resolve_model(uri: str, model: str) -> tuple[Path, str | None]:
 
     Accepts models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/path] or a local directory.
     """
-    from mlflow.exceptions import MlflowException
-
-    client = _client(uri)
     if model.startswith("models:/"):
-        ref = model[len("models:/") :]
-        names = [m["name"] for m in list_models(uri)]
-        if "@" in ref:
-            name, alias = ref.split("@", 1)
-        elif "/" in ref:
-            name, alias = ref.split("/", 1)[0], None
-        else:
-            raise UserError(f"bad model URI '{model}'; use models:/NAME@ALIAS or models:/NAME/VERSION")
-        if name not in names:
-            raise UserError(f"no registered model '{name}'; registered: {', '.join(names) or '(none)'}")
-        try:
-            if alias is not None:
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                mv = client.get_model_version(name, ref.split("/", 1)[1])
-        except MlflowException:
-            info = show_model(uri, name)
-            aliases = sorted({a for v in info["versions"] for a in v["aliases"]})
-            versions = [str(v["version"]) for v in info["versions"]]
-            what = f"alias '{alias}'" if alias is not None else f"version '{ref.split('/', 1)[1]}'"
-            raise UserError(
-                f"model '{name}' has no {what}; aliases: {', '.join(aliases) or '(none)'}; versions: {', '.join(versions)}"
-            ) from None
+        mv = registered_version(uri, model)
         return _download(uri, mv.source), mv.run_id
     if model.startswith("runs:/"):
         parts = model[len("runs:/") :].strip("/").split("/", 1)
@@ -277,6 +252,36 @@ def resolve_model(uri: str, model: str) -> tuple[Path, str | None]:
     raise UserError(
         f"cannot find model '{model}'; use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or an export directory"
     )
+
+
+def registered_version(uri: str, model: str):
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> its MLflow ModelVersion (@latest: the newest);
+    a reference to nothing is one line listing what exists."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        name, alias = ref.split("/", 1)[0], None
+    else:
+        raise UserError(f"bad model URI '{model}'; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    names = [m["name"] for m in list_models(uri)]
+    if name not in names:
+        raise UserError(f"no registered model '{name}'; registered: {', '.join(names) or '(none)'}")
+    client = _client(uri)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, ref.split("/", 1)[1])
+    except MlflowException:
+        info = show_model(uri, name)
+        aliases = sorted({a for v in info["versions"] for a in v["aliases"]})
+        versions = [str(v["version"]) for v in info["versions"]]
+        what = f"alias '{alias}'" if alias is not None else f"version '{ref.split('/', 1)[1]}'"
+        raise UserError(
+            f"model '{name}' has no {what}; aliases: {', '.join(aliases) or '(none)'}; versions: {', '.join(versions)}"
+        ) from None
 
 
 def list_artifacts(uri: str, run_id: str, path: str | None = None) -> list[str]:
@@ -327,17 +332,8 @@ def model_version(uri: str, model: str) -> tuple[str, int] | None:
     """models:/NAME@ALIAS or models:/NAME/VERSION -> (NAME, version); None for other references."""
     if not model.startswith("models:/"):
         return None
-    ref = model[len("models:/") :]
-    resolve_model(uri, model)  # the same clear errors as everywhere else for a bad reference
-    client = _client(uri)
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        if alias.lower() == LATEST:
-            versions = client.search_model_versions(f"name='{name}'")
-            return name, max(int(v.version) for v in versions)
-        return name, int(client.get_model_version_by_alias(name, alias).version)
-    name, version = ref.split("/", 1)
-    return name, int(version)
+    mv = registered_version(uri, model)
+    return mv.name, int(mv.version)
 
 
 def alias_knobs(uri: str, model: str) -> dict[str, Any]:
@@ -355,7 +351,7 @@ def alias_knobs(uri: str, model: str) -> dict[str, Any]:
     if alias.lower() == LATEST:
         return {}
     prefix = f"raygen.sweep.{alias}."
-    tags = _client(uri).get_model_version_by_alias(name, alias).tags
+    tags = registered_version(uri, model).tags
     return dict(parse_override(f"{k[len(prefix):]}={v}") for k, v in sorted(tags.items())
                 if k.startswith(prefix + "sample."))
 
@@ -380,8 +376,10 @@ class LocalServer:
     """
 
     def __init__(self, store_uri: str, workdir: str, log_dir: str | Path):
+        import atexit
         import subprocess
         import sys
+        import time
 
         from raygen.platform.cluster import free_port
 
@@ -397,14 +395,10 @@ class LocalServer:
         cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", store_uri, "--default-artifact-root", artifacts, "--no-serve-artifacts",
                "--workers", "1"]
-        import time
-
         self.started = time.time()
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
-        import atexit
-
         atexit.register(self.stop)
 
     def wait(self, timeout: float = 180.0) -> str:
