@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-import raygen.models.nar as nar
+import raygen.models.sampling as sampling
 from raygen.models import MODEL_REGISTRY, PAPER_PARAMS, build_model
 from raygen.models.nar import (
     NAR_SIZES,
@@ -109,7 +109,7 @@ def test_generate_runs_2g_minus_1_passes_and_writes_each_position_once(monkeypat
         counter["next"] += lead
         return ids
 
-    monkeypatch.setattr(nar, "sample_logits", numbering)
+    monkeypatch.setattr(sampling, "sample_logits", numbering)  # the draw behind SamplingOptions.sample
     batches = []
     hook = model.layers[0].register_forward_hook(lambda mod, args, out: batches.append(out.shape[0]))
     out = model.generate(torch.tensor([1, 2, 3]), cfg_scale=cfg_scale)

@@ -15,20 +15,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
-from torch import nn
+from einops import rearrange
 
-from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
-from raygen.models.layers import (
-    KVCache,
-    LabelEmbedder,
-    RMSNorm,
-    TransformerBlock,
-    init_llamagen_weights_,
-    precompute_freqs_cis_2d,
-)
-from raygen.models.sampling import cfg_mix, sample_logits
+from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig, token_loss
+from raygen.models.layers import KVCache, LlamaGenMixin
+from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
 
 # --- config and sizes -------------------------------------------------------------------
 
@@ -83,60 +74,17 @@ AR_SIZES: dict[str, ARConfig] = {
 # --- the model -----------------------------------------------------------------------------
 
 
-class ARModel(GenerativeModel):
+class ARModel(LlamaGenMixin, GenerativeModel):
     """LlamaGen GPT: class token + raster tokens, causal 2D-RoPE transformer, next-token head."""
 
     def __init__(self, config: ARConfig):
         super().__init__()
-        self.config = config
-        c = config
-        self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
-        self.tok_dropout = nn.Dropout(c.token_dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(
-                c.dim, c.n_head, resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout, norm_eps=c.norm_eps
-            )
-            for _ in range(c.n_layer)
-        )
-        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        # Not saved in checkpoints (like LlamaGen's plain attribute) and rebuilt by `_apply`.
-        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
+        self.config = c = config
+        self.build_trunk(c.n_layer)  # cls_embedding, tok_embeddings, tok_dropout, layers, norm, output
+        self.register_tables()  # freqs_cis: not in checkpoints, rebuilt after any move or cast
         self.initialize_weights()
 
-    # --- init -----------------------------------------------------------------------------
-    def initialize_weights(self) -> None:
-        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, zero output head."""
-        init_llamagen_weights_(self)
-        nn.init.zeros_(self.output.weight)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-
-    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
-        c = self.config
-        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # .to(bf16) would round the cos/sin table and to_empty() would leave it garbage:
-        # recompute it in float32 on the buffer's new device after any move or cast.
-        super()._apply(fn, recurse)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-        return self
-
     # --- shared pieces of training and sampling ---------------------------------------------
-    def _embed(
-        self,
-        tokens: torch.Tensor,
-        *,
-        labels: torch.Tensor,
-        train: bool,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """[class token, tokens] -> (B, 1 + n, D) input embeddings."""
-        cond = self.cls_embedding(labels, train=train, generator=generator)  # (B, 1, D)
-        h = torch.cat([cond, self.tok_embeddings(tokens)], dim=1)  # (B, 1 + n, D)
-        return self.tok_dropout(h)
-
     def _logits(
         self, h: torch.Tensor, *, start_pos: int = 0, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
@@ -159,32 +107,13 @@ class ARModel(GenerativeModel):
         self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Teacher-forced next-token loss over all N tokens; also next-token accuracy."""
-        tokens = batch["tokens"].long()
-        if tokens.ndim == 3:
-            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
-        if tokens.shape[1] != self.config.seq_len:
-            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
-        labels = batch["label"].long().reshape(-1)  # (B,)
+        tokens, labels = self.check_batch(batch)  # (B, N), (B,)
         h = self._embed(tokens[:, :-1], labels=labels, train=self.training, generator=generator)  # (B, N, D)
-        logits = self._logits(h)  # (B, N, V)
-        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(tokens, "b n -> (b n)"))
-        with torch.no_grad():
-            acc = (logits.argmax(dim=-1) == tokens).float().mean()
-        return {"loss": loss, "acc": acc}
+        return token_loss(self._logits(h), tokens)  # logits (B, N, V)
 
     # --- sampling ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    @sampling_entry
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
         """labels (B,) -> ids (B, G, G): N cached forward passes, constant CFG on all logits.
 
         cfg_scale == 1 runs the conditional batch alone; otherwise the batch is doubled with
@@ -193,28 +122,25 @@ class ARModel(GenerativeModel):
         """
         c = self.config
         n = c.seq_len
-        if steps is not None and steps != n:
-            raise ValueError(f"raster AR decodes one token per step: steps must be {n} (or None), got {steps}")
-        self.check_generator(generator)
+        if opts.steps is not None and opts.steps != n:
+            raise ValueError(f"raster AR decodes one token per step: steps must be {n} (or None), got {opts.steps}")
+        self.check_generator(opts.generator)
         with self.evaluating():
             labels = self.check_labels(labels)  # (B,)
-            guided = cfg_scale != 1.0
-            if guided:
-                labels = torch.cat([labels, torch.full_like(labels, self.cls_embedding.null_id)])  # (2B,)
-            b = labels.shape[0] // 2 if guided else labels.shape[0]
+            b = labels.shape[0]
+            if opts.guided:
+                labels = with_null_class(labels, self.cls_embedding.null_id)  # (2B,)
             caches = self._new_caches(labels.shape[0])
             out = torch.empty(b, n, dtype=torch.long, device=labels.device)
             h = self.cls_embedding(labels, train=False)  # (B2, 1, D): prefill the class token
             for i in range(n):
                 logits = self._logits(h, start_pos=i, caches=caches)[:, -1]  # (B2, V)
-                if guided:
-                    cond, uncond = logits.chunk(2)
-                    logits = cfg_mix(cond, uncond, cfg_scale)  # (B, V)
-                token = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-                out[:, i] = token  # (B,)
+                if opts.guided:
+                    logits = guide(logits, opts.cfg_scale)  # (B, V)
+                token = opts.sample(logits)  # (B,)
+                out[:, i] = token
                 if i + 1 < n:
-                    fed = repeat(token, "b -> (two b) 1", two=2) if guided else rearrange(token, "b -> b 1")
-                    h = self.tok_embeddings(fed)  # (B2, 1, D)
+                    h = self.tok_embeddings(both_halves(token[:, None], opts.guided))  # (B2, 1, D)
             return rearrange(out, "b (r c) -> b r c", r=c.grid_size)
 
     @torch.inference_mode()

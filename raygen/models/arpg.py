@@ -32,17 +32,17 @@ from einops import rearrange, repeat
 from torch import nn
 
 from raygen.models.ar import ARConfig
-from raygen.models.base import FamilySpec, GenerativeModel
+from raygen.models.base import FamilySpec, GenerativeModel, token_loss
 from raygen.models.layers import (
-    FeedForward,
     KVCache,
+    LlamaGenMixin,
+    PreNormBlock,
     RMSNorm,
     TransformerBlock,
     apply_rotary_emb,
-    init_llamagen_weights_,
-    precompute_freqs_cis_2d,
+    drop_labels,
 )
-from raygen.models.sampling import cfg_mix, sample_logits
+from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
 
 SCHEDULES = ("arccos", "cosine")  # step schedules: how many tokens each step reveals
 CFG_SCHEDULES = ("linear", "constant")
@@ -221,27 +221,21 @@ class GuidedAttention(nn.Module):
         return self.resid_dropout(self.wo(rearrange(out, "b h l k -> b l (h k)")))
 
 
-class GuidedBlock(nn.Module):
-    """Pre-norm guided-decoder block: x + xattn(norm(x), K, V), then h + ffn(norm(h))."""
+class GuidedBlock(PreNormBlock):
+    """Pre-norm guided-decoder block: x + xattn(norm(x), K, V), then h + ffn(norm(h)).
+
+    Called as block(x (B, L, D), freqs_cis, k, v, *, causal), the arguments of `GuidedAttention`.
+    """
 
     def __init__(self, dim: int, n_head: int, *, resid_dropout: float, ffn_dropout: float, norm_eps: float):
-        super().__init__()
-        self.attention = GuidedAttention(dim, n_head, resid_dropout=resid_dropout)
-        self.feed_forward = FeedForward(dim, dropout=ffn_dropout)
-        self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
-    ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis, k, v, causal=causal)  # (B, L, D)
-        return h + self.feed_forward(self.ffn_norm(h))  # (B, L, D)
+        attention = GuidedAttention(dim, n_head, resid_dropout=resid_dropout)
+        super().__init__(attention, dim, ffn_dropout=ffn_dropout, norm_eps=norm_eps)
 
 
 # --- the model -----------------------------------------------------------------------------
 
 
-class ARPGModel(GenerativeModel):
+class ARPGModel(LlamaGenMixin, GenerativeModel):
     """ARPG: causal context pass -> one shared K/V -> MASK queries guided by target RoPE.
 
     `flops_per_sample` is the base estimate with n_layer = both passes: pass 1 runs N
@@ -264,29 +258,15 @@ class ARPGModel(GenerativeModel):
         self.cross_layers = nn.ModuleList(GuidedBlock(c.dim, c.n_head, **block) for _ in range(c.n_pass2))
         self.norm = RMSNorm(c.dim, eps=c.norm_eps)
         self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
+        self.register_tables()  # freqs_cis: not in checkpoints, rebuilt after any move or cast
         self.last_forward_passes = 0  # network evaluations per sample in the last generate/edit
         self.initialize_weights()
 
-    # --- init -----------------------------------------------------------------------------
-    def initialize_weights(self) -> None:
-        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, zero output head."""
-        init_llamagen_weights_(self)
-        nn.init.zeros_(self.output.weight)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-
     def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
-        c = self.config
-        table = precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
-        if c.class_rope == "origin":
+        table = super()._rope_table(device=device)  # (1 + N, K/2, 2)
+        if self.config.class_rope == "origin":
             table[0] = table[1]  # the class slot takes cell (0, 0)'s rotation (angle 0)
         return table
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # Keep the cos/sin table float32 and valid after casts, moves and to_empty (as in ar).
-        super()._apply(fn, recurse)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-        return self
 
     # --- the two passes ---------------------------------------------------------------------
     def _context(
@@ -332,31 +312,17 @@ class ARPGModel(GenerativeModel):
     def _cond_ids(self, labels: torch.Tensor) -> torch.Tensor:
         return labels.long() + self.config.vocab_size + 1  # label C (the null class) -> null_id
 
-    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.long()
-        if tokens.ndim == 3:
-            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
-        if tokens.shape[-1] != self.config.seq_len:
-            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
-        return tokens
-
     # --- training ---------------------------------------------------------------------------
     def forward(
         self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Random-order teacher forcing: one causal pass scores all N tokens -> {"loss", "acc"}."""
-        tokens = self._check_tokens(batch["tokens"])  # (B, N)
-        labels = batch["label"].long().reshape(-1)  # (B,)
+        tokens, labels = self.check_batch(batch)  # (B, N), (B,)
         b, n = tokens.shape
         if self.training and self.config.class_dropout > 0:
-            drop = torch.rand(b, device=labels.device, generator=generator) < self.config.class_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.config.num_classes), labels)
+            labels = drop_labels(labels, self.config.class_dropout, self.config.num_classes, generator)  # (B,)
         order = torch.rand(b, n, device=tokens.device, generator=generator).argsort(dim=1)  # (B, N)
-        logits, targets = self._teacher_forced(tokens, self._cond_ids(labels), order)
-        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(targets, "b n -> (b n)"))
-        with torch.no_grad():
-            acc = (logits.argmax(dim=-1) == targets).float().mean()
-        return {"loss": loss, "acc": acc}
+        return token_loss(*self._teacher_forced(tokens, self._cond_ids(labels), order))  # logits (B, N, V)
 
     @torch.inference_mode()
     def teacher_forced_logits(self, tokens: torch.Tensor, *, labels: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -365,22 +331,17 @@ class ARPGModel(GenerativeModel):
         Row i predicts x_{order[i]} from [cond, x_order[0..i-1]]; labels may be C (null class).
         Call in eval mode for deterministic values (no dropout).
         """
-        tokens = self._check_tokens(tokens)
+        tokens = self.check_tokens(tokens)
         order = order.to(tokens.device).long().expand(tokens.shape[0], -1)
         return self._teacher_forced(tokens, self._cond_ids(labels.to(tokens.device)), order)[0]
 
     # --- sampling ---------------------------------------------------------------------------
-    @torch.inference_mode()
+    @sampling_entry
     def generate(
         self,
         labels: torch.Tensor,
+        opts: SamplingOptions,
         *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
         order: str = "random",
         schedule: str = "arccos",
         cfg_schedule: str = "linear",
@@ -399,14 +360,14 @@ class ARPGModel(GenerativeModel):
         the known tokens come back unchanged (see `edit`).
         Sets `last_forward_passes` (network evaluations per sample, = the number of steps).
         """
+        generator = opts.generator
         self.check_generator(generator)
         checks = ((schedule, SCHEDULES, "step schedule"), (cfg_schedule, CFG_SCHEDULES, "cfg_schedule"))
         for value, known, what in checks:
             if value not in known:
                 raise ValueError(f"unknown {what} '{value}'; known: {', '.join(known)}")
-        if steps is not None and steps < 1:
-            raise ValueError(f"steps must be >= 1 (or None for {DEFAULT_STEPS}), got {steps}")
-        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if opts.steps is not None and opts.steps < 1:
+            raise ValueError(f"steps must be >= 1 (or None for {DEFAULT_STEPS}), got {opts.steps}")
         with self.evaluating():
             labels = self.check_labels(labels)  # (B,)
             if order == "random":  # one permutation per sample
@@ -418,7 +379,7 @@ class ARPGModel(GenerativeModel):
             if prefix_tokens is not None:
                 prefix, positions = self._check_prefix(prefix_tokens, prefix_positions, len(labels))  # (B, K), (Bo, K)
                 orders = _known_first(orders, positions)  # (B or Bo, N)
-            return self._decode(labels, orders, prefix, steps, cfg_scale, cfg_schedule, schedule, sampling)
+            return self._decode(labels, orders, prefix, opts, cfg_schedule, schedule)
 
     def _check_prefix(
         self, tokens: torch.Tensor, positions: torch.Tensor | None, batch_size: int
@@ -448,29 +409,26 @@ class ARPGModel(GenerativeModel):
         labels: torch.Tensor,
         orders: torch.Tensor,
         prefix: torch.Tensor | None,
-        steps: int | None,
-        cfg_scale: float,
+        opts: SamplingOptions,
         cfg_schedule: str,
         schedule: str,
-        sampling: dict,
     ) -> torch.Tensor:
         """The parallel decoding loop; orders (Bo, N) with Bo in {1, B}, prefix (B, K) at orders[:, :K]."""
         c = self.config
         n, b = c.seq_len, labels.shape[0]
         known = 0 if prefix is None else prefix.shape[1]
-        sizes = step_sizes(n - known, DEFAULT_STEPS if steps is None else steps, schedule)
+        sizes = step_sizes(n - known, DEFAULT_STEPS if opts.steps is None else opts.steps, schedule)
         self.last_forward_passes = len(sizes)
         seq = torch.empty(b, n, dtype=torch.long, device=labels.device)  # tokens in decoding order
         if prefix is not None:
             seq[:, :known] = prefix
-        guided = cfg_scale != 1.0
-        two = 2 if guided else 1
+        guided, cfg_scale = opts.guided, opts.cfg_scale
         cond = self._cond_ids(labels)  # (B,)
         if guided:
-            cond = torch.cat([cond, torch.full_like(cond, self.null_id)])  # (2B,)
+            cond = with_null_class(cond, self.null_id)  # (2B,)
         pos = self.freqs_cis[1:][orders]  # (Bo, N, K/2, 2)
-        if guided and pos.shape[0] > 1:
-            pos = repeat(pos, "b ... -> (two b) ...", two=2)  # the null half uses the same orders
+        if pos.shape[0] > 1:
+            pos = both_halves(pos, guided)  # the null half uses the same orders
         b2, bo = cond.shape[0], pos.shape[0]
         dtype, device = self.activation_dtype(), labels.device
         caches = [KVCache(b2, c.n_head, n, c.head_dim, dtype=dtype, device=device) for _ in self.self_layers]
@@ -481,7 +439,7 @@ class ARPGModel(GenerativeModel):
         fed_freqs = repeat(self.freqs_cis[0], "p two -> b 1 p two", b=bo)  # (Bo, L, K/2, 2)
         attn_mask = None
         if known:
-            fed = torch.cat([fed, repeat(prefix, "b k -> (two b) k", two=two)], dim=1)
+            fed = torch.cat([fed, both_halves(prefix, guided)], dim=1)
             fed_freqs = torch.cat([fed_freqs, pos[:, :known]], dim=1)
             attn_mask = torch.ones(known + 1, known + 1, dtype=torch.bool, device=device)
             attn_mask[0, 1:] = False
@@ -496,26 +454,22 @@ class ARPGModel(GenerativeModel):
             done += n_pred
             if guided:
                 scale = 1.0 + (cfg_scale - 1.0) * done / n if cfg_schedule == "linear" else cfg_scale
-                logits = cfg_mix(*logits.chunk(2), scale)  # (B, n_pred, V)
-            tokens = sample_logits(logits, **sampling)  # (B, n_pred)
+                logits = guide(logits, scale)  # (B, n_pred, V)
+            tokens = opts.sample(logits)  # (B, n_pred)
             seq[:, done - n_pred : done] = tokens
-            fed = repeat(tokens, "b l -> (two b) l", two=two)  # both halves see the same tokens
+            fed = both_halves(tokens, guided)  # (B2, n_pred): both halves see the same tokens
             fed_freqs, attn_mask = q_freqs, None
         raster = torch.empty_like(seq).scatter_(1, orders.expand(b, n), seq)  # un-permute
         return rearrange(raster, "b (r c) -> b r c", r=c.grid_size)
 
+    @sampling_entry
     def edit(
         self,
         labels: torch.Tensor,
         tokens: torch.Tensor,
         keep: torch.Tensor,
+        opts: SamplingOptions,
         *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
         order: str = "random",
         schedule: str = "arccos",
         cfg_schedule: str = "linear",
@@ -529,14 +483,13 @@ class ARPGModel(GenerativeModel):
         in groups of equal count (one batch per group).
         """
         g = self.config.grid_size
-        tokens = self._check_tokens(torch.as_tensor(tokens, device=self.device))  # (B, N)
+        tokens = self.check_tokens(torch.as_tensor(tokens, device=self.device))  # (B, N)
         keep = torch.as_tensor(keep, device=tokens.device).bool()
         if keep.shape[-2:] != (g, g) or keep.ndim not in (2, 3):
             raise ValueError(f"keep must be ({g}, {g}) or (B, {g}, {g}) booleans, got {tuple(keep.shape)}")
         keep = rearrange(keep, "... r c -> ... (r c)").expand_as(tokens)  # (B, N)
         labels = self.check_labels(labels)
-        knobs = dict(cfg_scale=cfg_scale, steps=steps, temperature=temperature, top_k=top_k, top_p=top_p,
-                     generator=generator, order=order, schedule=schedule, cfg_schedule=cfg_schedule)
+        knobs = dict(opts.kwargs(), order=order, schedule=schedule, cfg_schedule=cfg_schedule)
         out = torch.empty(tokens.shape[0], g, g, dtype=torch.long, device=tokens.device)
         counts = keep.sum(dim=1)  # (B,)
         for count in counts.unique().tolist():

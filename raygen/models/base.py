@@ -18,7 +18,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
+
+from raygen.models.sampling import SamplingOptions, sampling_entry
 
 
 @dataclasses.dataclass
@@ -57,20 +61,15 @@ class GenerativeModel(nn.Module, ABC):
         dropout, orders, mask ratios); it must live on the model's device.
         """
 
+    @sampling_entry
     @abstractmethod
-    def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        **family_knobs: Any,
-    ) -> torch.Tensor:
-        """labels (B,) -> token ids (B, grid, grid) int64, under inference_mode, train mode restored."""
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions, **family_knobs: Any) -> torch.Tensor:
+        """labels (B,) -> token ids (B, grid, grid) int64, under inference_mode, train mode restored.
+
+        Callers pass SamplingOptions' fields (cfg_scale, steps, temperature, top_k, top_p,
+        generator) as keywords, plus the family's keyword-only knobs; implementations are
+        wrapped in `sampling_entry` too, which builds the typed `opts` from them.
+        """
 
     # --- optimiser, size and cost ---------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
@@ -99,8 +98,11 @@ class GenerativeModel(nn.Module, ABC):
         Families whose transformer sees a different length or depth override this.
         """
         c = self.config
-        n_layer, dim = c.n_layer, c.dim  # type: ignore[attr-defined]
-        length = c.seq_len
+        return self._flops(length=c.seq_len, n_layer=c.n_layer)  # type: ignore[attr-defined]
+
+    def _flops(self, *, length: int, n_layer: int) -> float:
+        """6 * P * length + 12 * n_layer * dim * length**2 (see flops_per_sample)."""
+        dim = self.config.dim  # type: ignore[attr-defined]
         return float(6 * self.num_params(non_embedding=True) * length + 12 * n_layer * dim * length**2)
 
     # --- helpers for families ----------------------------------------------------------
@@ -135,10 +137,31 @@ class GenerativeModel(nn.Module, ABC):
             raise ValueError(f"class labels must lie in [0, {self.config.num_classes}), got [{lo}, {hi}]")
         return labels
 
+    def check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, N) or (B, G, G) -> int64 (B, N), N = seq_len; another length raises."""
+        tokens = tokens.long()
+        if tokens.ndim == 3:
+            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
+        if tokens.ndim != 2 or tokens.shape[1] != self.config.seq_len:
+            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
+        return tokens
+
+    def check_batch(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch -> its tokens (B, N) int64 (see check_tokens) and labels (B,) int64."""
+        return self.check_tokens(batch["tokens"]), batch["label"].long().reshape(-1)
+
     def check_generator(self, generator: torch.Generator | None) -> None:
         """Fail early, with a clear message, when the generator lives on another device."""
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"generator is on {generator.device}, the model on {self.device}; create it there")
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits (B, N, V), target ids (B, N) -> {"loss": mean cross-entropy, "acc": detached argmax accuracy}."""
+    loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(targets, "b n -> (b n)"))
+    with torch.no_grad():
+        acc = (logits.argmax(dim=-1) == targets).float().mean()
+    return {"loss": loss, "acc": acc}
 
 
 def _numel(p: torch.Tensor) -> int:

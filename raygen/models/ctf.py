@@ -46,16 +46,10 @@ from einops import rearrange
 from torch import nn
 
 from raygen.models.ar import AR_SIZES, ARConfig, ARModel
-from raygen.models.base import FamilySpec, GenerativeModel
+from raygen.models.base import FamilySpec, GenerativeModel, token_loss
 from raygen.models.kmeans import kmeans
-from raygen.models.layers import (
-    LabelEmbedder,
-    RMSNorm,
-    TransformerBlock,
-    init_llamagen_weights_,
-    precompute_freqs_cis_2d,
-)
-from raygen.models.sampling import sample_logits
+from raygen.models.layers import LlamaGenMixin
+from raygen.models.sampling import SamplingOptions, sampling_entry
 
 # --- the lookup ------------------------------------------------------------------------------
 
@@ -218,15 +212,6 @@ class _LookupBuffers:
             raise ValueError("this CTF stage has no lookup yet: bind_lookup() or load its weights first")
 
 
-def _flat_tokens(tokens: torch.Tensor, n: int) -> torch.Tensor:
-    tokens = tokens.long()
-    if tokens.ndim == 3:
-        tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
-    if tokens.shape[1] != n:
-        raise ValueError(f"expected {n} tokens per sample, got {tuple(tokens.shape)}")
-    return tokens
-
-
 # --- stage 1 -----------------------------------------------------------------------------------
 
 
@@ -244,7 +229,7 @@ class CTFStage1(_LookupBuffers, ARModel):
     def forward(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None):
         """Next-coarse-label loss (and accuracy) on the fine ids in batch["tokens"]."""
         self._require_lookup()
-        coarse = self.fine_to_coarse[_flat_tokens(batch["tokens"], self.config.seq_len)]  # (B, N) in [0, K)
+        coarse = self.fine_to_coarse[self.check_tokens(batch["tokens"])]  # (B, N) in [0, K)
         return super().forward({"tokens": coarse, "label": batch["label"]}, generator=generator)
 
     def generate_coarse(self, labels: torch.Tensor, **kw) -> torch.Tensor:
@@ -252,22 +237,10 @@ class CTFStage1(_LookupBuffers, ARModel):
         self._require_lookup()
         return ARModel.generate(self, labels, **kw)
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    @sampling_entry
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
         """Stage 1 alone: coarse labels decoded as their representatives -> (B, G, G) fine ids."""
-        coarse = self.generate_coarse(labels, cfg_scale=cfg_scale, steps=steps, temperature=temperature,
-                                      top_k=top_k, top_p=top_p, generator=generator)
-        return self.representative[coarse]
+        return self.representative[self.generate_coarse(labels, **opts.kwargs())]
 
 
 # --- stage 2 -----------------------------------------------------------------------------------
@@ -287,7 +260,7 @@ class MemberPooledEmbedding(nn.Embedding):
         return F.embedding(coarse, sums / counts[:, None])  # (B, N, D)
 
 
-class CTFStage2(_LookupBuffers, GenerativeModel):
+class CTFStage2(_LookupBuffers, LlamaGenMixin, GenerativeModel):
     """Bidirectional LlamaGen blocks over [class, N coarse labels] -> N fine-id distributions."""
 
     standalone = False  # it needs coarse labels: it samples inside a CTFPair
@@ -297,30 +270,10 @@ class CTFStage2(_LookupBuffers, GenerativeModel):
         if config.stage != 2:
             raise ValueError("CTFStage2 needs a stage-2 config")
         self.config = c = config
-        self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
-        self.tok_embeddings = MemberPooledEmbedding(c.vocab_size, c.dim)
-        self.tok_dropout = nn.Dropout(c.token_dropout)
-        self.layers = nn.ModuleList(
-            TransformerBlock(c.dim, c.n_head, resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout,
-                             norm_eps=c.norm_eps)
-            for _ in range(c.n_layer)
-        )
-        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
+        self.build_trunk(c.n_layer, tok_embeddings=MemberPooledEmbedding(c.vocab_size, c.dim))
+        self.register_tables()  # freqs_cis: not in checkpoints, rebuilt after any move or cast
         self._init_lookup()
-        init_llamagen_weights_(self)
-        nn.init.zeros_(self.output.weight)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-
-    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
-        c = self.config
-        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - keep the RoPE table float32 (as ARModel)
-        super()._apply(fn, recurse)
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-        return self
+        self.initialize_weights()
 
     def fine_logits(self, coarse: torch.Tensor, labels: torch.Tensor, *, train: bool = False,
                     generator: torch.Generator | None = None) -> torch.Tensor:
@@ -336,31 +289,17 @@ class CTFStage2(_LookupBuffers, GenerativeModel):
 
     def forward(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None):
         """Teacher-forced on the true coarse labels: cross-entropy over all V fine ids."""
-        tokens = _flat_tokens(batch["tokens"], self.config.seq_len)  # (B, N) fine
+        tokens, labels = self.check_batch(batch)  # (B, N) fine ids, (B,)
         self._require_lookup()
         coarse = self.fine_to_coarse[tokens]  # (B, N)
-        logits = self.fine_logits(coarse, batch["label"].long().reshape(-1), train=self.training,
-                                  generator=generator)  # (B, N, V)
-        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(tokens, "b n -> (b n)"))
+        logits = self.fine_logits(coarse, labels, train=self.training, generator=generator)  # (B, N, V)
         with torch.no_grad():
-            pred = logits.argmax(dim=-1)
-            acc = (pred == tokens).float().mean()
-            in_cluster = (self.fine_to_coarse[pred] == coarse).float().mean()
-        return {"loss": loss, "acc": acc, "in_cluster": in_cluster}
+            in_cluster = (self.fine_to_coarse[logits.argmax(dim=-1)] == coarse).float().mean()
+        return {**token_loss(logits, tokens), "in_cluster": in_cluster}
 
-    @torch.inference_mode()
+    @sampling_entry
     def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        coarse: torch.Tensor | None = None,
-        restrict: bool = True,
+        self, labels: torch.Tensor, opts: SamplingOptions, *, coarse: torch.Tensor | None = None, restrict: bool = True
     ) -> torch.Tensor:
         """labels (B,), coarse (B, G, G) -> fine ids (B, G, G) in one forward pass.
 
@@ -370,20 +309,21 @@ class CTFStage2(_LookupBuffers, GenerativeModel):
         if coarse is None:
             raise ValueError("CTF stage 2 refines coarse labels: pass coarse=, or sample a CTF pair "
                              "(`raygen models register STAGE1_RUN --stage2 STAGE2_RUN --name NAME`)")
-        if cfg_scale != 1.0 or steps not in (None, 1):
-            raise ValueError(f"CTF stage 2 runs one pass without CFG: need cfg_scale=1 and steps 1, got {cfg_scale}, {steps}")
-        self.check_generator(generator)
+        if opts.guided or opts.steps not in (None, 1):
+            raise ValueError(
+                f"CTF stage 2 runs one pass without CFG: need cfg_scale=1 and steps 1, got {opts.cfg_scale}, {opts.steps}"
+            )
+        self.check_generator(opts.generator)
         c = self.config
         with self.evaluating():
             labels = self.check_labels(labels)
-            coarse = _flat_tokens(coarse.to(labels.device), c.seq_len)  # (B, N)
+            coarse = self.check_tokens(coarse.to(labels.device))  # (B, N)
             if int(coarse.min()) < 0 or int(coarse.max()) >= c.clusters:
                 raise ValueError(f"coarse labels must lie in [0, {c.clusters})")
             logits = self.fine_logits(coarse, labels)  # (B, N, V)
             if restrict:  # fine ids outside the token's cluster get -inf
                 logits = logits.masked_fill(self.fine_to_coarse != coarse[..., None], float("-inf"))
-            fine = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            return rearrange(fine, "b (r c) -> b r c", r=c.grid_size)
+            return rearrange(opts.sample(logits), "b (r c) -> b r c", r=c.grid_size)  # (B, N) fine ids
 
 
 # --- the pair ----------------------------------------------------------------------------------
@@ -411,27 +351,16 @@ class CTFPair(GenerativeModel):
     def flops_per_sample(self) -> float:
         return self.stage1.flops_per_sample() + self.stage2.flops_per_sample()
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        fine_temperature: float = 1.0,
-        fine_top_k: int = 0,
-        fine_top_p: float = 1.0,
-        restrict: bool = True,
-    ) -> torch.Tensor:
-        """labels (B,) -> fine ids (B, G, G): stage 1 (CFG, temperature = tau1, top-k/p) then stage 2 (tau2)."""
-        coarse = self.stage1.generate_coarse(labels, cfg_scale=cfg_scale, steps=steps, temperature=temperature,
-                                             top_k=top_k, top_p=top_p, generator=generator)  # (B, G, G)
+    @sampling_entry
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions, *, fine_temperature: float = 1.0,
+                 fine_top_k: int = 0, fine_top_p: float = 1.0, restrict: bool = True) -> torch.Tensor:
+        """labels (B,) -> fine ids (B, G, G): stage 1 (CFG, temperature = tau1, top-k/p) then stage 2 (tau2).
+
+        opts drive stage 1; stage 2 samples with the fine_* knobs and the same generator.
+        """
+        coarse = self.stage1.generate_coarse(labels, **opts.kwargs())  # (B, G, G)
         return self.stage2.generate(labels, coarse=coarse, temperature=fine_temperature, top_k=fine_top_k,
-                                    top_p=fine_top_p, generator=generator, restrict=restrict)
+                                    top_p=fine_top_p, generator=opts.generator, restrict=restrict)
 
 
 def build_ctf(config: CTFConfig) -> GenerativeModel:

@@ -11,6 +11,8 @@ Axis letters: B batch, L sequence, S cached keys, H heads, D model width, K head
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -204,8 +206,28 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(out))
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm LlamaGen block: x + attn(norm(x)), then h + ffn(norm(h))."""
+class PreNormBlock(nn.Module):
+    """Pre-norm LlamaGen block around any attention: x + attn(norm(x), ...), then h + ffn(norm(h))."""
+
+    def __init__(self, attention: nn.Module, dim: int, *, ffn_dropout: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        self.attention = attention
+        self.feed_forward = FeedForward(dim, dropout=ffn_dropout)
+        self.attention_norm = RMSNorm(dim, eps=norm_eps)
+        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x (B, L, D) -> (B, L, D); args and kwargs go to the attention after x's norm."""
+        h = x + self.attention(self.attention_norm(x), *args, **kwargs)  # (B, L, D)
+        return h + self.feed_forward(self.ffn_norm(h))  # (B, L, D)
+
+
+class TransformerBlock(PreNormBlock):
+    """The LlamaGen block: `Attention` (self-attention, optional KV cache) in a PreNormBlock.
+
+    Called as block(x (B, L, D), freqs_cis, *, attn_mask, causal, kv_cache, start_pos), the
+    keywords of `Attention.forward`.
+    """
 
     def __init__(
         self,
@@ -216,32 +238,8 @@ class TransformerBlock(nn.Module):
         ffn_dropout: float = 0.0,
         norm_eps: float = 1e-5,
     ):
-        super().__init__()
-        self.attention = Attention(dim, n_head, resid_dropout=resid_dropout)
-        self.feed_forward = FeedForward(dim, dropout=ffn_dropout)
-        self.attention_norm = RMSNorm(dim, eps=norm_eps)
-        self.ffn_norm = RMSNorm(dim, eps=norm_eps)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        freqs_cis: torch.Tensor,
-        *,
-        attn_mask: torch.Tensor | None = None,
-        causal: bool = True,
-        kv_cache: KVCache | None = None,
-        start_pos: int = 0,
-    ) -> torch.Tensor:
-        attn = self.attention(
-            self.attention_norm(x),
-            freqs_cis,
-            attn_mask=attn_mask,
-            causal=causal,
-            kv_cache=kv_cache,
-            start_pos=start_pos,
-        )  # (B, L, D)
-        h = x + attn  # (B, L, D)
-        return h + self.feed_forward(self.ffn_norm(h))  # (B, L, D)
+        attention = Attention(dim, n_head, resid_dropout=resid_dropout)
+        super().__init__(attention, dim, ffn_dropout=ffn_dropout, norm_eps=norm_eps)
 
 
 # --- class conditioning ----------------------------------------------------------------
@@ -262,8 +260,7 @@ class LabelEmbedder(nn.Module):
 
     def token_drop(self, labels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Replace each label by the null id with probability dropout_prob (B,) -> (B,)."""
-        drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < self.dropout_prob
-        return torch.where(drop, torch.full_like(labels, self.null_id), labels)
+        return drop_labels(labels, self.dropout_prob, self.null_id, generator)
 
     def forward(self, labels: torch.Tensor, *, train: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         if train and self.dropout_prob > 0:
@@ -271,7 +268,13 @@ class LabelEmbedder(nn.Module):
         return rearrange(self.embedding_table(labels), "b d -> b 1 d")  # (B, 1, D)
 
 
-# --- initialisation -------------------------------------------------------------------
+def drop_labels(labels: torch.Tensor, prob: float, null_id: int, generator: torch.Generator | None) -> torch.Tensor:
+    """CFG's label dropout: each id (B,) becomes null_id with probability prob, one uniform draw per row."""
+    drop = torch.rand(labels.shape[0], device=labels.device, generator=generator) < prob
+    return torch.where(drop, torch.full_like(labels, null_id), labels)
+
+
+# --- initialisation and derived tables ---------------------------------------------------
 
 
 def init_llamagen_weights_(module: nn.Module, std: float = INIT_STD) -> None:
@@ -288,3 +291,68 @@ def init_llamagen_weights_(module: nn.Module, std: float = INIT_STD) -> None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 m.reset_parameters()
+
+
+class LlamaGenMixin:
+    """Mixin for a family model on this substrate: the GPT trunk, its derived tables, one initialize_weights.
+
+    `build_trunk` adds LlamaGen GPT's modules under their official names, in LlamaGen's order
+    (cls_embedding, tok_embeddings, tok_dropout, layers, norm, output). The tables (the 2D-RoPE
+    `freqs_cis`, plus whatever `_tables` adds) are non-persistent buffers: not in checkpoints
+    (like LlamaGen's plain attribute), and rebuilt in float32 on their device after every move,
+    cast or to_empty (`_apply`), since a cast would round the cos/sin table and to_empty leaves
+    it garbage. The config needs the ARConfig fields. Mix in before the nn.Module base:
+    `class ARModel(LlamaGenMixin, GenerativeModel)`.
+    """
+
+    config: Any
+    zero_init: ClassVar[tuple[str, ...]] = ("output",)  # Linear heads that start at zero
+
+    def build_trunk(self, n_blocks: int, *, tok_embeddings: nn.Embedding | None = None) -> None:
+        """Add the class/token embeddings, n_blocks TransformerBlocks, the final norm and the V-row head."""
+        c = self.config
+        self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
+        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim) if tok_embeddings is None else tok_embeddings
+        self.tok_dropout = nn.Dropout(c.token_dropout)
+        block = dict(resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout, norm_eps=c.norm_eps)
+        self.layers = nn.ModuleList(TransformerBlock(c.dim, c.n_head, **block) for _ in range(n_blocks))
+        self.norm = RMSNorm(c.dim, eps=c.norm_eps)
+        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+
+    def _embed(
+        self, tokens: torch.Tensor, *, labels: torch.Tensor, train: bool, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """[class token, tokens (B, n)] -> (B, 1 + n, D) input embeddings (class dropout when train)."""
+        cond = self.cls_embedding(labels, train=train, generator=generator)  # (B, 1, D)
+        return self.tok_dropout(torch.cat([cond, self.tok_embeddings(tokens)], dim=1))  # (B, 1 + n, D)
+
+    def _tables(self, device: torch.device | None) -> dict[str, torch.Tensor]:
+        """The derived buffers by name, built on device; families extend it."""
+        return {"freqs_cis": self._rope_table(device=device)}
+
+    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
+        """(1 + G*G, K/2, 2) cos/sin table, float32 (the class token takes the first slot)."""
+        c = self.config
+        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
+
+    def register_tables(self) -> None:
+        """Create the table buffers on the default device (call once in __init__)."""
+        for name, table in self._tables(None).items():
+            self.register_buffer(name, table, persistent=False)  # type: ignore[attr-defined]
+
+    def _rebuild_tables(self) -> None:
+        device = self.freqs_cis.device  # type: ignore[attr-defined]
+        for name, table in self._tables(device).items():
+            setattr(self, name, table)
+
+    def initialize_weights(self) -> None:
+        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, zero heads (zero_init), fresh tables."""
+        init_llamagen_weights_(self)  # type: ignore[arg-type]
+        for name in self.zero_init:
+            nn.init.zeros_(getattr(self, name).weight)
+        self._rebuild_tables()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        self._rebuild_tables()
+        return self

@@ -25,21 +25,13 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import rearrange
 from torch import nn
 
 from raygen.models.ar import ARConfig
-from raygen.models.base import FamilySpec, GenerativeModel
-from raygen.models.layers import (
-    KVCache,
-    LabelEmbedder,
-    RMSNorm,
-    TransformerBlock,
-    init_llamagen_weights_,
-    precompute_freqs_cis_2d,
-)
-from raygen.models.sampling import cfg_mix, sample_logits
+from raygen.models.base import FamilySpec, GenerativeModel, token_loss
+from raygen.models.layers import KVCache, LlamaGenMixin, RMSNorm, TransformerBlock
+from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
 
 # --- the proximity mask and the decoding schedule -------------------------------------------
 
@@ -155,29 +147,19 @@ NAR_SIZES: dict[str, NARConfig] = {
 # --- the model -------------------------------------------------------------------------------
 
 
-class NARModel(GenerativeModel):
+class NARModel(LlamaGenMixin, GenerativeModel):
     """LlamaGen GPT under the proximity mask, with horizontal (R) and vertical (B) heads."""
+
+    zero_init = ("output", "medusa_output")  # both heads start at zero
 
     def __init__(self, config: NARConfig):
         super().__init__()
-        self.config = config
-        c = config
-        self.cls_embedding = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.dim)
-        self.tok_dropout = nn.Dropout(c.token_dropout)
-        self.layers = nn.ModuleList(  # n_layer backbone blocks, then the vertical head's block
-            TransformerBlock(
-                c.dim, c.n_head, resid_dropout=c.resid_dropout, ffn_dropout=c.ffn_dropout, norm_eps=c.norm_eps
-            )
-            for _ in range(c.n_layer + 1)
-        )
-        self.norm = RMSNorm(c.dim, eps=c.norm_eps)  # horizontal head
-        self.output = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.config = c = config
+        self.build_trunk(c.n_layer + 1)  # n_layer backbone blocks, then the vertical head's block
+        # norm -> output is the horizontal head
         self.medusa_norm = RMSNorm(c.dim, eps=c.norm_eps)  # vertical head
         self.medusa_output = nn.Linear(c.dim, c.vocab_size, bias=False)
-        # Derived tables, not saved in checkpoints and rebuilt by `_apply` after any move.
-        self.register_buffer("freqs_cis", self._rope_table(device=None), persistent=False)
-        self.register_buffer("attn_mask", proximity_mask(c.grid_size), persistent=False)
+        self.register_tables()  # freqs_cis, attn_mask: not in checkpoints, rebuilt after any move or cast
         self.last_forward_passes = 0  # forward passes of the last generate() call (benchmarks read it)
         self.initialize_weights()
 
@@ -186,34 +168,13 @@ class NARModel(GenerativeModel):
         """The vertical head's transformer block (stacked after the backbone)."""
         return self.layers[-1]
 
-    # --- init -----------------------------------------------------------------------------
-    def initialize_weights(self) -> None:
-        """LlamaGen init: N(0, 0.02) Linear/Embedding weights, unit norms, both output heads zero."""
-        init_llamagen_weights_(self)
-        nn.init.zeros_(self.output.weight)
-        nn.init.zeros_(self.medusa_output.weight)
-        self._rebuild_tables()
-
-    def _rope_table(self, *, device: torch.device | None) -> torch.Tensor:
-        c = self.config
-        return precompute_freqs_cis_2d(c.grid_size, c.head_dim, c.rope_base, cls_token_num=1, device=device)
-
-    def _rebuild_tables(self) -> None:
-        self.freqs_cis = self._rope_table(device=self.freqs_cis.device)
-        self.attn_mask = proximity_mask(self.config.grid_size, device=self.attn_mask.device)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # A cast would round the float32 cos/sin table and to_empty() leaves both tables
-        # garbage: recompute them on the buffers' new device after any move or cast.
-        super()._apply(fn, recurse)
-        self._rebuild_tables()
-        return self
+    def _tables(self, device: torch.device | None) -> dict[str, torch.Tensor]:
+        """The RoPE table and the (N + 1, N + 1) proximity mask."""
+        return {**super()._tables(device), "attn_mask": proximity_mask(self.config.grid_size, device=device)}
 
     def flops_per_sample(self) -> float:
         """As the base estimate, over N + 1 positions and n_layer + 1 blocks."""
-        c = self.config
-        length, depth = c.seq_len + 1, c.n_layer + 1
-        return float(6 * self.num_params(non_embedding=True) * length + 12 * depth * c.dim * length**2)
+        return self._flops(length=self.config.seq_len + 1, n_layer=self.config.n_layer + 1)
 
     # --- shared pieces of training and sampling ---------------------------------------------
     def _heads(
@@ -238,13 +199,6 @@ class NARModel(GenerativeModel):
         logits_b = self.medusa_output(self.medusa_norm(h)).float()  # (B, L, V)
         return logits_r, logits_b
 
-    def _embed(
-        self, tokens: torch.Tensor, *, labels: torch.Tensor, train: bool, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """[class token, tokens] -> (B, 1 + n, D) input embeddings."""
-        cond = self.cls_embedding(labels, train=train, generator=generator)  # (B, 1, D)
-        return self.tok_dropout(torch.cat([cond, self.tok_embeddings(tokens)], dim=1))  # (B, 1 + n, D)
-
     def _new_caches(self, batch_size: int) -> list[ScatterKVCache]:
         c = self.config
         dtype, device = self.activation_dtype(), self.device
@@ -253,28 +207,15 @@ class NARModel(GenerativeModel):
             for _ in self.layers
         ]
 
-    def _flat_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.long()
-        if tokens.ndim == 3:
-            tokens = rearrange(tokens, "b r c -> b (r c)")  # (B, N)
-        if tokens.ndim != 2 or tokens.shape[1] != self.config.seq_len:
-            raise ValueError(f"expected {self.config.seq_len} tokens per sample, got {tuple(tokens.shape)}")
-        return tokens
-
     # --- training ---------------------------------------------------------------------------
     def forward(
         self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
         """Next-neighbour loss: one cross-entropy over all N tokens on the mixed R/B logits."""
-        tokens = self._flat_tokens(batch["tokens"])  # (B, N)
-        labels = batch["label"].long().reshape(-1)  # (B,)
+        tokens, labels = self.check_batch(batch)  # (B, N), (B,)
         h = self._embed(tokens, labels=labels, train=self.training, generator=generator)  # (B, N + 1, D)
         logits_r, logits_b = self._heads(h, freqs=self.freqs_cis, mask=self.attn_mask)  # (B, N + 1, V) each
-        logits = neighbour_logits(logits_r, logits_b, self.config.grid_size)  # (B, N, V)
-        loss = F.cross_entropy(rearrange(logits, "b n v -> (b n) v"), rearrange(tokens, "b n -> (b n)"))
-        with torch.no_grad():
-            acc = (logits.argmax(dim=-1) == tokens).float().mean()
-        return {"loss": loss, "acc": acc}
+        return token_loss(neighbour_logits(logits_r, logits_b, self.config.grid_size), tokens)  # logits (B, N, V)
 
     # --- sampling ---------------------------------------------------------------------------
     def _decode(
@@ -290,7 +231,7 @@ class NARModel(GenerativeModel):
         guided = cfg_scale != 1.0
         b = labels.shape[0]
         if guided:
-            labels = torch.cat([labels, torch.full_like(labels, self.cls_embedding.null_id)])  # (2B,)
+            labels = with_null_class(labels, self.cls_embedding.null_id)  # (2B,)
         caches = self._new_caches(labels.shape[0])
         out = torch.zeros(b, c.seq_len, dtype=torch.long, device=labels.device)  # (B, N) raster
         made_so_far, passes = 0, 0
@@ -305,7 +246,7 @@ class NARModel(GenerativeModel):
             else:
                 index = torch.tensor(fed, device=out.device)  # (L,) raster ids
                 ids = out.index_select(1, index)  # (B, L)
-                h = self.tok_embeddings(repeat(ids, "b l -> (two b) l", two=2) if guided else ids)  # (B2, L, D)
+                h = self.tok_embeddings(both_halves(ids, guided))  # (B2, L, D)
                 index = index + 1  # cache slots
             slots = Slots(index, end=max(fed, default=-1) + 2)
             freqs = self.freqs_cis.index_select(0, index)  # (L, K/2, 2)
@@ -317,26 +258,14 @@ class NARModel(GenerativeModel):
             else:
                 logits = _diagonal_logits(logits_r, logits_b, growing=k < c.grid_size)  # (B2, L', V)
             if guided:
-                cond, uncond = logits.chunk(2)
-                logits = cfg_mix(cond, uncond, cfg_scale)  # (B, L', V)
+                logits = guide(logits, cfg_scale)  # (B, L', V)
             out[:, made] = pick(logits, made)  # (B, L')
             made_so_far += len(made)
         self.last_forward_passes = passes
         return out
 
-    @torch.inference_mode()
-    def generate(
-        self,
-        labels: torch.Tensor,
-        *,
-        cfg_scale: float = 1.0,
-        steps: int | None = None,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: torch.Generator | None = None,
-        cfg_interval: int = -1,
-    ) -> torch.Tensor:
+    @sampling_entry
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions, *, cfg_interval: int = -1) -> torch.Tensor:
         """labels (B,) -> ids (B, G, G): 2G - 1 cached passes, one anti-diagonal each.
 
         cfg_scale == 1 runs the conditional batch alone; otherwise the batch is doubled with
@@ -346,16 +275,16 @@ class NARModel(GenerativeModel):
         """
         c = self.config
         n_steps = 2 * c.grid_size - 1
-        if steps is not None and steps != n_steps:
-            raise ValueError(f"NAR decodes one anti-diagonal per step: steps must be {n_steps} (or None), got {steps}")
-        self.check_generator(generator)
-
-        def pick(logits: torch.Tensor, made: list[int]) -> torch.Tensor:
-            return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-
+        if opts.steps is not None and opts.steps != n_steps:
+            raise ValueError(
+                f"NAR decodes one anti-diagonal per step: steps must be {n_steps} (or None), got {opts.steps}"
+            )
+        self.check_generator(opts.generator)
         with self.evaluating():
             labels = self.check_labels(labels)  # (B,)
-            out = self._decode(labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval, pick=pick)  # (B, N)
+            out = self._decode(
+                labels, cfg_scale=opts.cfg_scale, cfg_interval=cfg_interval, pick=lambda logits, made: opts.sample(logits)
+            )  # (B, N)
             return rearrange(out, "b (r c) -> b r c", r=c.grid_size)
 
     @torch.inference_mode()
@@ -364,7 +293,7 @@ class NARModel(GenerativeModel):
 
         Call in eval mode for deterministic values (no dropout).
         """
-        h = self._embed(self._flat_tokens(tokens), labels=labels.long(), train=False)  # (B, N + 1, D)
+        h = self._embed(self.check_tokens(tokens), labels=labels.long(), train=False)  # (B, N + 1, D)
         logits_r, logits_b = self._heads(h, freqs=self.freqs_cis, mask=self.attn_mask)
         return neighbour_logits(logits_r, logits_b, self.config.grid_size)  # (B, N, V)
 
@@ -373,7 +302,7 @@ class NARModel(GenerativeModel):
         self, tokens: torch.Tensor, *, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1
     ) -> torch.Tensor:
         """The sampler's path teacher-forced on tokens (B, N): guided logits scoring each x (B, N, V)."""
-        tokens = self._flat_tokens(tokens)  # (B, N)
+        tokens = self.check_tokens(tokens)  # (B, N)
         out = torch.empty(*tokens.shape, self.config.vocab_size, device=tokens.device)  # (B, N, V)
 
         def pick(logits: torch.Tensor, made: list[int]) -> torch.Tensor:
