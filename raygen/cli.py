@@ -12,7 +12,7 @@ import re
 import sys
 
 from raygen.errors import UserError, find_user_error
-from raygen.jobs import cluster as cluster_job
+from raygen.families import all_families
 from raygen.jobs import config as config_job
 from raygen.jobs import data as data_job
 from raygen.jobs import demo as demo_job
@@ -27,7 +27,7 @@ from raygen.jobs import train as train_job
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
-JOBS = (demo_job, tokenize_job, data_job, cluster_job, train_job, sample_job, eval_job, report_job, models_job, config_job,
+JOBS = (demo_job, tokenize_job, data_job, train_job, sample_job, eval_job, report_job, models_job, config_job,
         submit_job, sweep_job)
 
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="job", required=True, metavar="JOB", parser_class=_Parser)
     for job in JOBS:
         job.add_parser(sub)
+    for family in all_families():  # verbs of the family plugins (e.g. `raygen cluster`)
+        family.add_commands(sub)
     return p
 
 

@@ -11,30 +11,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from raygen import families
 from raygen.errors import ConfigError
+from raygen.options import describe_type, merge_into, option, suggest
 from raygen.models.tokenizers.palette import PaletteConfig
+from raygen.models.tokenizers.pixels import PixelsConfig
 from raygen.models.tokenizers.vq import VQConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = None, factory: Any = None):
-    """A dataclass field with a help text and an optional lower bound."""
-    meta = {"help": help}
-    if min is not None:
-        meta["min"] = min
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------
@@ -44,41 +35,45 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, min: float | None = Non
 
 @dataclass
 class RayConfig:
-    address: str | None = _f(None, help="Ray cluster address; null starts a local instance (RAY_ADDRESS also works)")
-    num_cpus: int | None = _f(None, min=1, help="CPUs of the local instance; null = every CPU of this machine")
+    address: str | None = option(None, help="Ray cluster address; null starts a local instance (RAY_ADDRESS also works)")
+    num_cpus: int | None = option(None, min=1, help="CPUs of the local instance; null = every CPU of this machine")
 
 
 @dataclass
 class DataConfig:
-    source: Literal["digits", "folder", "parquet"] = _f("digits", help="where images come from")
-    path: str | None = _f(None, help="folder (ImageFolder layout) or Parquet file/directory for those sources")
-    image_size: int | None = _f(
+    source: Literal["digits", "folder", "parquet"] = option("digits", help="where images come from")
+    path: str | None = option(None, path=True, help="folder (ImageFolder layout) or Parquet file/directory for those sources")
+    image_size: int | None = option(
         None, min=1, help="side in pixels after resize/crop; null = a 16x16 token grid for the tokenizer"
     )
-    channels: Literal[1, 3] | None = _f(None, help="1 = grayscale, 3 = RGB; null = the source's own (digits: 1)")
-    resize: bool = _f(True, help="resize (shorter side) then centre-crop; false = centre-crop only")
-    on_bad_input: Literal["fail", "skip"] = _f("fail", help="unreadable image: fail naming it, or skip and record it")
-    shards: str | None = _f(
-        None, help="tokenized data set directory (written by tokenize, read by train); null = <workdir>/data/<source>-<tokenizer>-<size>"
+    channels: Literal[1, 3] | None = option(None, help="1 = grayscale, 3 = RGB; null = the source's own (digits: 1)")
+    resize: bool = option(True, help="resize (shorter side) then centre-crop; false = centre-crop only")
+    on_bad_input: Literal["fail", "skip"] = option("fail", help="unreadable image: fail naming it, or skip and record it")
+    shards: str | None = option(
+        None, path=True, help="tokenized data set directory (written by tokenize, read by train); null = <workdir>/data/<source>-<tokenizer>-<size>"
     )
-    rows_per_shard: int = _f(512, min=1, help="rows per Parquet shard")
+    rows_per_shard: int = option(512, min=1, help="rows per Parquet shard")
 
 
 @dataclass
 class TokenizerConfig:
-    name: Literal["palette", "vq"] = _f("palette", help="which tokenizer")
-    palette: PaletteConfig = _f(help="palette tokenizer options", factory=PaletteConfig)
-    vq: VQConfig = _f(help="VQ tokenizer options (LlamaGen VQ-16 by default)", factory=VQConfig)
-    batch_size: int = _f(64, min=1, help="images per tokenizer call")
-    workers: int | None = _f(None, min=1, help="tokenizer actors; null = one per free CPU (or GPU)")
-    gpus_per_worker: float = _f(0.0, min=0, help="GPUs per tokenizer actor (0 = CPU)")
+    name: Literal["palette", "vq", "pixels"] = option(
+        "palette", help="which codec: palette or vq make token ids, pixels makes continuous latents")
+    palette: PaletteConfig = option(help="palette tokenizer options", factory=PaletteConfig)
+    vq: VQConfig = option(help="VQ tokenizer options (LlamaGen VQ-16 by default)", factory=VQConfig)
+    pixels: PixelsConfig = option(help="pixels codec options (patches of the image's own pixels)", factory=PixelsConfig)
+    latent_dtype: Literal["float16", "float32"] = option(
+        "float16", help="how latents are stored in the shards (float16 halves the disk and the reads)")
+    batch_size: int = option(64, min=1, help="images per tokenizer call")
+    workers: int | None = option(None, min=1, help="tokenizer actors; null = one per free CPU (or GPU)")
+    gpus_per_worker: float = option(0.0, min=0, help="GPUs per tokenizer actor (0 = CPU)")
 
 
 @dataclass
 class ModelConfig:
-    family: str = _f("ar", help="model family: ar, arpg, nar, ctf, emigm, d2it (those registered)")
-    size: str = _f("debug", help="a size of the family (debug or the paper's names, case-insensitive)")
-    arch: dict[str, Any] = _f(
+    family: str = option("ar", help="model family: ar, arpg, nar, ctf, emigm, d2it (those registered)")
+    size: str = option("debug", help="a size of the family (debug or the paper's names, case-insensitive)")
+    arch: dict[str, Any] = option(
         help="overrides of the family's architecture config, e.g. model.arch.dim=256 (vocab, grid and classes come from the data)",
         factory=dict,
     )
@@ -86,45 +81,45 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(1000, min=1, help="optimizer steps")
-    global_batch: int = _f(64, min=1, help="samples per optimizer step over all workers")
-    micro_batch: int | None = _f(None, min=1, help="samples per worker per forward; null = global_batch / workers")
-    workers: int | None = _f(None, min=1, help="Ray Train workers; null = every GPU, or every local CPU")
-    cpus_per_worker: float | None = _f(None, min=0.01, help="CPUs per worker; null = share the CPUs, keeping one for data")
-    use_gpu: bool | None = _f(None, help="train on GPUs; null = when the cluster has them")
-    zero_stage: Literal["auto", 0, 1, 2, 3] = _f("auto", help="DeepSpeed ZeRO stage; auto: 0 on one worker, 1 small, 2 from L, 3 from XL")
-    precision: Literal["auto", "fp32", "bf16"] = _f("auto", help="auto: bf16 on GPU, fp32 on CPU")
-    lr: float = _f(4e-4, min=0, help="peak learning rate")
-    min_lr: float = _f(0.0, min=0, help="learning rate at the end of the cosine")
-    warmup_steps: int = _f(100, min=0, help="linear warmup steps")
-    schedule: Literal["cosine", "constant", "linear"] = _f("cosine", help="decay after warmup")
-    betas: list[float] = _f(help="AdamW betas", factory=lambda: [0.9, 0.95])
-    weight_decay: float = _f(0.05, min=0, help="AdamW weight decay (2-D+ params only)")
-    grad_clip: float = _f(1.0, min=0, help="gradient clipping by global norm (0 = off)")
-    ema: float | None = _f(None, min=0, help="EMA decay of the weights (e.g. 0.9999); null = off")
-    log_every: int = _f(10, min=1, help="steps between metric logs")
-    checkpoint_every: int = _f(200, min=1, help="steps between checkpoints (and one at the end)")
-    num_to_keep: int = _f(2, min=1, help="checkpoints kept")
-    sample_every: int | None = _f(None, min=1, help="steps between sample grids; null = only at the end")
-    max_failures: int = _f(1, min=0, help="worker-group restarts from the latest checkpoint")
-    shuffle_buffer: int = _f(1024, min=0, help="rows in each worker's local shuffle buffer (0 = off)")
-    prefetch_batches: int = _f(2, min=0, help="batches each worker prefetches")
-    ds_config: dict[str, Any] = _f(help="raw DeepSpeed config merged last (e.g. train.ds_config.zero_optimization.overlap_comm=true)", factory=dict)
-    fail_at_step: int | None = _f(None, min=1, help="fault injection: the last worker raises at this step on the first attempt")
+    steps: int = option(1000, min=1, help="optimizer steps")
+    global_batch: int = option(64, min=1, help="samples per optimizer step over all workers")
+    micro_batch: int | None = option(None, min=1, help="samples per worker per forward; null = global_batch / workers")
+    workers: int | None = option(None, min=1, help="Ray Train workers; null = every GPU, or every local CPU")
+    cpus_per_worker: float | None = option(None, min=0.01, help="CPUs per worker; null = share the CPUs, keeping one for data")
+    use_gpu: bool | None = option(None, help="train on GPUs; null = when the cluster has them")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = option("auto", help="DeepSpeed ZeRO stage; auto: 0 on one worker, 1 small, 2 from L, 3 from XL")
+    precision: Literal["auto", "fp32", "bf16"] = option("auto", help="auto: bf16 on GPU, fp32 on CPU")
+    lr: float = option(4e-4, min=0, help="peak learning rate")
+    min_lr: float = option(0.0, min=0, help="learning rate at the end of the cosine")
+    warmup_steps: int = option(100, min=0, help="linear warmup steps")
+    schedule: Literal["cosine", "constant", "linear"] = option("cosine", help="decay after warmup")
+    betas: list[float] = option(help="AdamW betas", factory=lambda: [0.9, 0.95])
+    weight_decay: float = option(0.05, min=0, help="AdamW weight decay (2-D+ params only)")
+    grad_clip: float = option(1.0, min=0, help="gradient clipping by global norm (0 = off)")
+    ema: float | None = option(None, min=0, help="EMA decay of the weights (e.g. 0.9999); null = off")
+    log_every: int = option(10, min=1, help="steps between metric logs")
+    checkpoint_every: int = option(200, min=1, help="steps between checkpoints (and one at the end)")
+    num_to_keep: int = option(2, min=1, help="checkpoints kept")
+    sample_every: int | None = option(None, min=1, help="steps between sample grids; null = only at the end")
+    max_failures: int = option(1, min=0, help="worker-group restarts from the latest checkpoint")
+    shuffle_buffer: int = option(1024, min=0, help="rows in each worker's local shuffle buffer (0 = off)")
+    prefetch_batches: int = option(2, min=0, help="batches each worker prefetches")
+    ds_config: dict[str, Any] = option(help="raw DeepSpeed config merged last (e.g. train.ds_config.zero_optimization.overlap_comm=true)", factory=dict)
+    fail_at_step: int | None = option(None, min=1, help="fault injection: the last worker raises at this step on the first attempt")
 
 
 @dataclass
 class SampleConfig:
-    cfg_scale: float = _f(2.0, min=0, help="classifier-free guidance scale (1 = off)")
-    steps: int | None = _f(None, min=1, help="decoding steps for parallel decoders; null = the family's default")
-    temperature: float = _f(1.0, min=0, help="sampling temperature (0 = greedy)")
-    top_k: int = _f(0, min=0, help="keep the k most likely tokens (0 = all)")
-    top_p: float = _f(1.0, min=0, help="nucleus sampling mass (1 = off)")
-    labels: str = _f("all", help="classes to draw: all, or a list/range such as 0-9 or 1,3,5")
-    per_label: int = _f(8, min=1, help="samples per class in a grid")
-    seed: int = _f(0, help="sampling seed")
-    batch_size: int = _f(256, min=1, help="samples generated per forward batch")
-    knobs: dict[str, Any] = _f(
+    cfg_scale: float = option(2.0, min=0, help="classifier-free guidance scale (1 = off)")
+    steps: int | None = option(None, min=1, help="decoding steps for parallel decoders; null = the family's default")
+    temperature: float = option(1.0, min=0, help="sampling temperature (0 = greedy)")
+    top_k: int = option(0, min=0, help="keep the k most likely tokens (0 = all)")
+    top_p: float = option(1.0, min=0, max=1, help="nucleus sampling mass (1 = off)")
+    labels: str = option("all", help="classes to draw: all, or a list/range such as 0-9 or 1,3,5")
+    per_label: int = option(8, min=1, help="samples per class in a grid")
+    seed: int = option(0, help="sampling seed")
+    batch_size: int = option(256, min=1, help="samples generated per forward batch")
+    knobs: dict[str, Any] = option(
         help="family-specific generate() options, e.g. sample.knobs.order=spiral-in (arpg), sample.knobs.cfg_interval=64 (nar)",
         factory=dict,
     )
@@ -132,53 +127,42 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    n: int = _f(1000, min=2, help="images sampled for `raygen eval` (the papers use 50000)")
-    batch_size: int = _f(100, min=1, help="images per sampling task (generated, decoded and featurised in one go)")
-    workers: int | None = _f(None, min=1, help="sampling actors, one model copy each; null = one per GPU, or one per CPU")
-    inception_weights: str | None = _f(
-        None, help="local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID, IS, precision/recall); "
+    n: int = option(1000, min=2, help="images sampled for `raygen eval` (the papers use 50000)")
+    batch_size: int = option(100, min=1, help="images per sampling task (generated, decoded and featurised in one go)")
+    workers: int | None = option(None, min=1, help="sampling actors, one model copy each; null = one per GPU, or one per CPU")
+    inception_weights: str | None = option(
+        None, path=True, help="local path of pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID, IS, precision/recall); "
         "null = RAYGEN_INCEPTION_WEIGHTS, or no Inception metrics. Never downloaded"
     )
-    reference: str | None = _f(None, help="reference statistics file (raygen eval --make-reference); null = digits: the real digits")
-    is_splits: int = _f(10, min=1, help="Inception Score splits")
-    pr_k: int = _f(3, min=1, help="k of the k-NN manifolds for precision/recall")
+    reference: str | None = option(None, path=True, help="reference statistics file (raygen eval --make-reference); null = digits: the real digits")
+    is_splits: int = option(10, min=1, help="Inception Score splits")
+    pr_k: int = option(3, min=1, help="k of the k-NN manifolds for precision/recall")
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = _f(None, help="MLflow tracking URI; null = sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins)")
-    experiment: str = _f("raygen", help="MLflow experiment")
-    run_name: str | None = _f(None, help="MLflow run name; null = <family>-<size>-<time>")
+    uri: str | None = option(None, help="MLflow tracking URI; null = sqlite:///<workdir>/mlflow.db (MLFLOW_TRACKING_URI wins)")
+    experiment: str = option("raygen", help="MLflow experiment")
+    run_name: str | None = option(None, help="MLflow run name; null = <family>-<size>-<time>")
 
 
 @dataclass
-class CTFSettings:
-    clusters: int = _f(512, min=1, help="K coarse labels for family ctf (k-means over the tokenizer's codebook)")
-    lookup: str | None = _f(
-        None, help="fine->coarse lookup file from `raygen cluster`; null = cluster now (cached in <workdir>/cache/ctf)"
-    )
-    seed: int = _f(0, help="k-means++ seed of the clustering")
-    iters: int = _f(100, min=1, help="k-means iterations at most")
-
-
-@dataclass
-class Config:
-    seed: int = _f(0, help="base seed; per-rank seeds are seed + rank")
-    workdir: str = _f("work", help="where runs, data, the MLflow store and checkpoints go")
-    ray: RayConfig = _f(help="Ray cluster", factory=RayConfig)
-    data: DataConfig = _f(help="image source and shards", factory=DataConfig)
-    tokenizer: TokenizerConfig = _f(help="image tokenizer", factory=TokenizerConfig)
-    model: ModelConfig = _f(help="model family, size and architecture overrides", factory=ModelConfig)
-    train: TrainConfig = _f(help="the distributed training loop", factory=TrainConfig)
-    sample: SampleConfig = _f(help="sampling for grids and evaluation", factory=SampleConfig)
-    eval: EvalConfig = _f(help="evaluation: sample counts, Inception weights, reference statistics", factory=EvalConfig)
-    tracking: TrackingConfig = _f(help="MLflow tracking", factory=TrackingConfig)
-    ctf: CTFSettings = _f(help="coarse-to-fine (family ctf): codebook clusters", factory=CTFSettings)
+class CoreConfig:
+    seed: int = option(0, help="base seed; per-rank seeds are seed + rank")
+    workdir: str = option("work", help="where runs, data, the MLflow store and checkpoints go")
+    ray: RayConfig = option(help="Ray cluster", factory=RayConfig)
+    data: DataConfig = option(help="image source and shards", factory=DataConfig)
+    tokenizer: TokenizerConfig = option(help="image tokenizer", factory=TokenizerConfig)
+    model: ModelConfig = option(help="model family, size and architecture overrides", factory=ModelConfig)
+    train: TrainConfig = option(help="the distributed training loop", factory=TrainConfig)
+    sample: SampleConfig = option(help="sampling for grids and evaluation", factory=SampleConfig)
+    eval: EvalConfig = option(help="evaluation: sample counts, Inception weights, reference statistics", factory=EvalConfig)
+    tracking: TrackingConfig = option(help="MLflow tracking", factory=TrackingConfig)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Config":
+    def from_dict(cls, data: dict[str, Any]) -> Config:
         cfg = cls()
-        _merge_into(cfg, data, "")
+        merge_into(cfg, data, "")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,135 +186,19 @@ class Config:
         return out
 
 
+def _with_family_sections(core: type) -> type:
+    """The config tree: the core sections plus each family plugin's own (cfg.ctf, ...)."""
+    sections = [(f.name, f.settings, option(help=f.settings_help, factory=f.settings))
+                for f in families.all_families() if f.settings is not None]
+    return dataclasses.make_dataclass("Config", sections, bases=(core,), namespace={"__module__": __name__})
+
+
+Config = _with_family_sections(CoreConfig)
+
+
 # --------------------------------------------------------------------------------------
 # Loading, overriding, checking
 # --------------------------------------------------------------------------------------
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_describe(a) for a in args) + " or null"
-    if origin in (list, tuple):
-        inner = typing.get_args(tp)[0]
-        return f"a list of {_describe(inner)}"
-    if dataclasses.is_dataclass(tp) or origin is dict:
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-class _Bad(Exception):
-    pass
-
-
-def _coerce(tp: Any, value: Any) -> Any:
-    """Convert a YAML value to type `tp`, or raise _Bad."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value)
-            except _Bad:
-                pass
-        raise _Bad
-    if origin is Literal:
-        for choice in typing.get_args(tp):
-            if value == choice and type(value) is type(choice):
-                return choice
-            if isinstance(choice, str) and isinstance(value, str) and value.lower() == choice.lower():
-                return choice
-        raise _Bad
-    if origin in (list, tuple):  # list[T] or tuple[T, ...]
-        inner = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise _Bad
-        return origin(_coerce(inner, v) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _Bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _Bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _Bad
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Bad
-    if tp is Any:
-        return value
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _Bad
-        return dict(value)
-    raise TypeError(f"unsupported config type {tp}")
-
-
-def suggest(key: str, valid: list[str]) -> str:
-    """'; did you mean X?' for the nearest of `valid`, or ''."""
-    near = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{near[0]}'?" if near else ""
-
-
-def _merge_into(obj: Any, data: dict[str, Any], prefix: str) -> None:
-    """Apply a nested mapping onto a dataclass instance, checking every key and value."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        if key not in fields:
-            valid = sorted(fields)
-            where = prefix.rstrip(".") or "the top level"
-            raise ConfigError(
-                f"unknown config key '{prefix}{key}'; valid keys at {where}: {', '.join(valid)}{suggest(str(key), valid)}"
-            )
-        tp = hints[key]
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(tp):
-            _merge_into(current, value, f"{prefix}{key}.")
-            continue
-        if typing.get_origin(tp) is dict and isinstance(value, dict) and isinstance(current, dict):
-            setattr(obj, key, _dict_merge(current, value))  # free-form sections merge deeply
-            continue
-        try:
-            new = _coerce(tp, value)
-        except _Bad:
-            raise ConfigError(f"bad value for '{prefix}{key}': {value!r}; allowed: {_describe(tp)}") from None
-        lo = fields[key].metadata.get("min")
-        if lo is not None:
-            vals = new if isinstance(new, list) else [new]
-            for v in vals:
-                if v is not None and v < lo:
-                    raise ConfigError(f"bad value for '{prefix}{key}': {value!r}; allowed: >= {lo}")
-        setattr(obj, key, new)
-    post = getattr(obj, "__post_init__", None)
-    if post is not None:  # a section's own validation (e.g. VQConfig's size rules)
-        try:
-            post()
-        except ValueError as e:
-            raise ConfigError(f"bad value in '{prefix.rstrip('.') or '<root>'}': {e}") from None
-
-
-def _dict_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _dict_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def parse_labels(spec: str, num_classes: int) -> list[int]:
@@ -437,13 +305,13 @@ def load_config(
             if len(chain) > 10:
                 raise ConfigError(f"preset '{preset}' has a base chain longer than 10 (a cycle?)")
         for data in reversed(chain):
-            _merge_into(cfg, data, "")
+            merge_into(cfg, data, "")
     for key, value in flags.items():
         if value is not None:
-            _merge_into(cfg, _nest(key, value), "")
+            merge_into(cfg, _nest(key, value), "")
     for text in overrides:
         key, value = parse_override(text)
-        _merge_into(cfg, _nest(key, value), "")
+        merge_into(cfg, _nest(key, value), "")
     return cfg
 
 
@@ -457,5 +325,5 @@ def describe_keys(obj: Any = None, prefix: str = "") -> list[tuple[str, str, Any
         if dataclasses.is_dataclass(value):
             rows.extend(describe_keys(value, f"{prefix}{f.name}."))
         else:
-            rows.append((f"{prefix}{f.name}", _describe(hints[f.name]), value, f.metadata.get("help", "")))
+            rows.append((f"{prefix}{f.name}", describe_type(hints[f.name]), value, f.metadata.get("help", "")))
     return rows

@@ -41,8 +41,10 @@ def find_user_error(exc: BaseException) -> UserError | None:
         # our own is the genuine article with a clean message.
         if isinstance(e, UserError) and type(e).__module__.split(".")[0] == "raygen":
             return e
-        for attr in ("cause", "__cause__", "__context__"):
+        for attr in ("cause", "__cause__", "__context__", "controller_failure"):
             nxt = getattr(e, attr, None)
             if isinstance(nxt, BaseException):
                 stack.append(nxt)
+        # Ray Train's WorkerGroupError keeps each failed worker's exception by rank
+        stack += [w for w in (getattr(e, "worker_failures", None) or {}).values() if isinstance(w, BaseException)]
     return None

@@ -157,7 +157,7 @@ def test_unknown_sampling_knob_is_refused(tmp_path):
 
     export, _ = _export(tmp_path)
     model, meta = load_export(export)
-    with pytest.raises(ConfigError, match="unknown sample.knobs order for this model's generate"):
+    with pytest.raises(ConfigError, match="unknown sample.knobs order: family ar has no sampling knobs"):
         sample_grid(model, meta, SampleConfig(labels="0", per_label=1, knobs={"order": "raster"}), None)
 
 

@@ -1,9 +1,9 @@
 """`raygen demo` (= `make demo`): the main job on the embedded defaults, end to end.
 
-Tokenize the bundled digits, train the raster AR on 2 workers with ZeRO-2, register the
-model as `digits-<family>` (`models:/digits-ar@latest` by default), write a sample grid (one
-row per digit) and print the class accuracy the held-out classifier gives it. Other presets
-run the same job for other families (`raygen demo --preset arpg-digits`).
+Tokenize the bundled digits, train the preset's model (the `demo` preset's by default) on 2
+workers with ZeRO-2, register it as `digits-<family>` (`models:/digits-<family>@latest`), write
+a sample grid (one row per digit) and print the class accuracy the held-out classifier gives
+it. The `<family>-digits` presets run the same job for the other families.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`raygen eval MODEL`: FID, IS, precision/recall and the digits metrics, logged to the model's run.
 
-    raygen eval models:/digits-ar@latest --n 1000 sample.cfg_scale=3
+    raygen eval models:/NAME@latest --n 1000 sample.cfg_scale=3
     raygen eval --make-reference work/data/digits-palette-8 --out work/ref-digits8.npz
 """
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from raygen.families import all_families
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("models", help="the model registry: register, list, show")
     p.add_argument("--tracking-uri", help="= tracking.uri")
     p.add_argument("--workdir", default="work", help="where the default MLflow store lives")
     verbs = p.add_subparsers(dest="verb", required=True, metavar="VERB")
-    r = verbs.add_parser("register", help="register a finished run's model (CTF: the stage-1 run with --stage2)")
+    r = verbs.add_parser("register", help="register a finished run's model (or one composed of several runs)")
     r.add_argument("run_id")
     r.add_argument("--name", required=True)
     r.add_argument("--alias", help="e.g. latest, champion")
-    r.add_argument("--stage2", metavar="RUN_ID",
-                   help="CTF: the stage-2 run; both stages become one pair run and one registered version")
+    for family in all_families():  # options of exports composed of several runs
+        family.add_register_args(r)
     r.set_defaults(func=run_register)
     ls = verbs.add_parser("list", help="registered models with their versions and aliases")
     ls.set_defaults(func=run_list)
@@ -34,12 +36,12 @@ def run_register(args: argparse.Namespace) -> int:
     from raygen.platform.tracking import register
 
     run_id = args.run_id
-    if args.stage2:
-        from raygen.platform.ctf import make_pair
-
-        run_id, metrics = make_pair(_uri(args), args.run_id, args.stage2, workdir=args.workdir)
-        acc = f", class accuracy {metrics['eval/class_acc']:.3f}" if "eval/class_acc" in metrics else ""
-        print(f"CTF pair run {run_id}: stage 1 run {args.run_id} + stage 2 run {args.stage2}{acc}")
+    for family in all_families():
+        composed = family.compose(_uri(args), args.run_id, args, args.workdir)
+        if composed:
+            run_id, line = composed
+            print(line)
+            break
     version = register(_uri(args), run_id, args.name, args.alias)
     ref = f"models:/{args.name}@{args.alias}" if args.alias else f"models:/{args.name}/{version}"
     print(f"registered {args.name} version {version}: {ref}")

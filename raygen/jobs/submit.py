@@ -12,7 +12,7 @@ ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265; default: RAY_ADDRESS"
 def add_parser(sub) -> None:
     p = sub.add_parser("submit", help="run a raygen command on a Ray cluster as a Ray job (Ray Jobs API)",
                        description="raygen submit [options] -- <raygen command>, e.g. "
-                                   "`raygen submit --address http://127.0.0.1:8265 -- train --preset ar-l`")
+                                   "`raygen submit --address http://127.0.0.1:8265 -- train --preset demo`")
     p.add_argument("--address", help=ADDRESS_HELP)
     p.add_argument("--runtime-env", metavar="YAML_OR_JSON",
                    help="extra runtime env (a YAML/JSON file or inline JSON), merged over raygen's")

@@ -1,7 +1,7 @@
 """`raygen sweep SPEC`: a Ray Tune sweep over train-time or sample-time knobs, tracked in MLflow.
 
     raygen sweep lr-schedule                       # a spec in raygen/configs/sweeps/
-    raygen sweep arpg-cfg --model models:/digits-arpg@latest --dry-run
+    raygen sweep SAMPLE_SPEC --model models:/NAME@ALIAS --dry-run
     raygen sweep my-sweep.yaml train.steps=300     # key=value overrides of the trials' base config
 """
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from raygen.jobs.common import add_config_args, print_dry_run, resolve
+from raygen.models.tokenizers import TOKENIZERS
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("tokenize", help="tokenize an image source into Parquet shards")
     p.add_argument("--source", choices=["digits", "folder", "parquet"], help="= data.source")
     p.add_argument("--path", help="= data.path (folder or Parquet source)")
-    p.add_argument("--tokenizer", choices=["palette", "vq"], help="= tokenizer.name")
+    p.add_argument("--tokenizer", choices=list(TOKENIZERS), help="= tokenizer.name")
     p.add_argument("--out", help="= data.shards (the data set directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing data set made with other settings")
     add_config_args(p)
@@ -28,11 +29,15 @@ def run(args: argparse.Namespace) -> int:
         print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.shards": p.out,
                             "source rows": p.source.rows})
         return 0
+    from raygen.platform.shards import data_column
+
     r = tokenize(cfg, overwrite=args.overwrite)
     m = r.manifest
     state = "already up to date" if r.up_to_date else f"written in {r.seconds:.1f} s"
     print(f"{m['rows']} rows in {len(m['shards'])} shards ({state}), {len(m['skipped'])} skipped")
-    print(f"grid {m['grid'][0]}x{m['grid'][1]}, vocab {m['vocab_size']}, {m['num_classes']} classes, "
-          f"tokenizer {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}")
+    col = data_column(m)
+    size = f"vocab {col.vocab_size}" if col.kind == "ids" else f"latents {'x'.join(map(str, col.shape))} {col.dtype}"
+    print(f"grid {m['grid'][0]}x{m['grid'][1]}, {size}, {m['num_classes']} classes, "
+          f"codec {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}")
     print(f"shards: {r.out}")
     return 0

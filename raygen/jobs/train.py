@@ -34,15 +34,9 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     return load_config(None, args.overrides, base=saved, **flags)
 
 
-def data_dir_of(cfg: Config) -> str:
-    if cfg.data.shards:
-        return cfg.data.shards
-    from raygen.platform.tokenize import plan
-
-    return str(plan(cfg).out)
-
-
 def run(args: argparse.Namespace) -> int:
+    from raygen.platform.tokenize import data_dir_of
+
     cfg = resolve_train_config(args)
     data_dir = data_dir_of(cfg)
     if args.dry_run:

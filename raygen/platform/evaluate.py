@@ -114,10 +114,10 @@ class SamplerWorker:
             for rel, data in payload["export"].items():
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 (tmp / rel).write_bytes(data)
-            self.model, meta = load_export(tmp, self.device)
+            self.model, self.meta = load_export(tmp, self.device)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.tok = from_spec(meta["tokenizer"])
+        self.tok = from_spec(self.meta["tokenizer"])
         self.sample = SampleConfig(**payload["sample"])
         self.extract = M.Extractors(payload.get("digits"), payload.get("inception"), self.device)
 
@@ -126,7 +126,7 @@ class SamplerWorker:
         from raygen.platform.sampling import generate
 
         sample = dataclasses.replace(self.sample, seed=seed, batch_size=max(1, len(labels)))
-        return self.tok.decode(generate(self.model, labels, sample, self.device))
+        return self.tok.decode(generate(self.model, self.meta, labels, sample, self.device))
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -168,15 +168,14 @@ def _payload(target: EvalTarget, digits_state=None, inception_state=None) -> dic
 
 
 def _check_sampling(target: EvalTarget) -> list[int]:
-    """Fail before any worker starts: labels and family knobs (model built on the meta device)."""
-    from raygen.models.registry import build_model
-    from raygen.platform.sampling import check_knobs
+    """Fail before any worker starts: labels, the family's knobs, and whether the model samples alone."""
+    from raygen.platform.sampling import check_knobs, family_of
 
     classes = parse_labels(target.cfg.sample.labels, target.meta["data"]["num_classes"])
-    if "kind" not in target.meta:  # a single-model export (a composite one, e.g. a CTF pair, by its workers)
-        with torch.device("meta"):
-            model = build_model(target.meta["family"], target.meta["size"], **target.meta["arch"])
-        check_knobs(model, target.cfg.sample.knobs)
+    check_knobs(target.meta, target.cfg.sample.knobs)
+    if not family_of(target.meta).can_sample(target.meta):
+        raise UserError(f"this {target.meta['family']} {target.meta['size']} model does not sample on its own; "
+                        "evaluate the export that composes it (see `raygen models register --help`)")
     return classes
 
 

@@ -7,7 +7,6 @@ samples without DeepSpeed, Ray or the training code.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import asdict
@@ -17,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from raygen import families
 from raygen.config import SampleConfig, parse_labels
-from raygen.errors import ConfigError, UserError
-from raygen.models.registry import build_model
+from raygen.errors import UserError
+from raygen.families import Family
 from raygen.models.tokenizers import from_spec
 
 EXPORT_FORMAT = 1
@@ -33,8 +33,8 @@ def write_export(directory: str | Path, state_dict: dict[str, torch.Tensor], met
     return directory
 
 
-def write_pair_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
-    """config.json of a CTF pair export (its weights live in stage1/ and stage2/)."""
+def write_export_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
+    """config.json alone: an export composed of other exports (its family's `load` reads it)."""
     directory = Path(directory)
     (directory / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, **meta}, indent=1))
     return directory
@@ -52,58 +52,33 @@ def read_export_meta(directory: str | Path) -> dict[str, Any]:
 
 
 def load_export(directory: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild the model from config.json and load its weights (no DeepSpeed needed).
-
-    A CTF pair export (`kind: ctf-pair`) holds two exports, stage1/ and stage2/, and loads as
-    one `CTFPair` after checking that both stages share a lookup.
-    """
+    """Rebuild the model from config.json and its weights (no DeepSpeed needed), the way its
+    family composes it (one model.pt, or parts made by several runs)."""
     meta = read_export_meta(directory)
-    if meta.get("kind") == PAIR_KIND:
-        from raygen.models.ctf import CTFPair
-
-        one, _ = load_export(Path(directory) / "stage1", device)
-        two, _ = load_export(Path(directory) / "stage2", device)
-        try:
-            return CTFPair(one, two).eval(), meta
-        except ValueError as e:
-            raise UserError(f"'{directory}' is not a usable CTF pair: {e}") from None
-    model = build_model(meta["family"], meta["size"], **meta["arch"])
-    state = torch.load(Path(directory) / "model.pt", map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except ValueError as e:  # e.g. a CTF stage whose lookup does not match its fingerprint
-        raise UserError(f"cannot load the model in '{directory}': {e}") from None
-    return model.to(device).eval(), meta
+    return families.get(meta["family"]).load(Path(directory), meta, device), meta
 
 
-PAIR_KIND = "ctf-pair"
+def family_of(meta: dict[str, Any]) -> Family:
+    return families.get(meta["family"])
 
 
-COMMON_KNOBS = ("cfg_scale", "steps", "temperature", "top_k", "top_p", "generator")
-
-
-def check_knobs(model, knobs: dict[str, Any]) -> None:
-    """sample.knobs must name keyword options of this family's generate()."""
-    params = inspect.signature(model.generate).parameters
-    allowed = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in COMMON_KNOBS)
-    bad = sorted(set(knobs) - set(allowed))
-    if bad:
-        raise ConfigError(
-            f"unknown sample.knobs {', '.join(bad)} for this model's generate(); allowed: {', '.join(allowed) or '(none)'}"
-        )
+def check_knobs(meta: dict[str, Any], knobs: dict[str, Any]) -> Any:
+    """sample.knobs as the export's family's typed knobs (ConfigError on a bad key or value)."""
+    return family_of(meta).check_knobs(knobs, meta)
 
 
 @torch.inference_mode()
-def generate(model, labels: list[int], sample: SampleConfig, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Token grids (B, h, w) for `labels`, in batches of sample.batch_size, seeded by sample.seed."""
-    check_knobs(model, sample.knobs)
+def generate(model, meta: dict[str, Any], labels: list[int], sample: SampleConfig,
+             device: str | torch.device = "cpu") -> torch.Tensor:
+    """The model's outputs (token grids (B, h, w), or latents) for `labels`, in batches of
+    sample.batch_size, seeded by sample.seed."""
+    family = family_of(meta)
+    family.check_knobs(sample.knobs, meta)
     g = torch.Generator(device=device).manual_seed(sample.seed)
     out = []
     for i in range(0, len(labels), sample.batch_size):
         chunk = torch.tensor(labels[i : i + sample.batch_size], device=device)
-        out.append(model.generate(chunk, cfg_scale=sample.cfg_scale, steps=sample.steps,
-                                  temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p,
-                                  generator=g, **sample.knobs).cpu())
+        out.append(family.generate(model, chunk, sample, g, meta).cpu())
     return torch.cat(out)
 
 
@@ -134,7 +109,7 @@ def sample_grid(model, meta: dict[str, Any], sample: SampleConfig, out: str | Pa
     """Draw sample.per_label samples of each requested class; one row per class; optional PNG."""
     classes = parse_labels(sample.labels, meta["data"]["num_classes"])
     labels = [c for c in classes for _ in range(sample.per_label)]
-    tokens = generate(model, labels, sample, device)
+    tokens = generate(model, meta, labels, sample, device)
     images = decode(meta, tokens)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -184,18 +159,19 @@ def edit_grid(model, meta: dict[str, Any], tokens: torch.Tensor, keep: torch.Ten
 
     Row r of the grid is label r: the original (with the region blanked) first, then its edits.
     """
-    if not hasattr(model, "edit"):
-        raise UserError(
-            f"the {meta['family']} family cannot edit images: editing needs any-order decoding (e.g. arpg)"
-        )
-    check_knobs(model, sample.knobs)
+    family = family_of(meta)
+    if not family.can_edit(meta):
+        able = ", ".join(f.name for f in families.all_families() if f.can_edit(meta)) or "none"
+        raise UserError(f"the {meta['family']} family cannot edit images: editing needs any-order decoding "
+                        f"(families that edit: {able})")
+    knobs = family.check_knobs(sample.knobs, meta)
     classes = parse_labels(sample.labels, meta["data"]["num_classes"])
     labels = torch.tensor([c for c in classes for _ in range(sample.per_label)], device=device)
     g = torch.Generator(device=device).manual_seed(sample.seed)
     base = tokens.to(device).expand(len(labels), -1, -1)
     edited = model.edit(labels, base, keep.to(device), cfg_scale=sample.cfg_scale, steps=sample.steps,
                         temperature=sample.temperature, top_k=sample.top_k, top_p=sample.top_p, generator=g,
-                        **sample.knobs).cpu()
+                        **family.generate_kwargs(model, knobs)).cpu()
     images = decode(meta, edited)
     if out is not None:
         original = decode(meta, tokens.cpu())[0]

@@ -3,8 +3,16 @@
 A data set directory holds `shard-NNNNN.parquet` files and `manifest.json`. It is built in a
 hidden staging directory beside its destination and renamed into place only when complete,
 so a reader sees the whole data set or nothing; each shard is itself written to a temporary
-name first. The manifest is the contract with training: source, tokenizer spec and
-fingerprint, grid, vocabulary, classes, row counts and checksums, skipped inputs.
+name first. The manifest is the contract with training: source, codec spec and fingerprint,
+grid, classes, row counts and checksums, skipped inputs, and the declared columns:
+
+    "columns": {"tokens":  {"kind": "ids", "dtype": "int32", "shape": [256], "vocab_size": 16384}}
+    "columns": {"latents": {"kind": "latents", "dtype": "float16", "shape": [256, 16], "scale": 0.2325}}
+
+plus optional side columns ({"kind": "side", ...}, e.g. a grain map). Every row also has
+`label` (int32) and `index` (int64, the source row). Each data column is a fixed-size list
+of its dtype holding prod(shape) values in row-major order. Schema version 1 (ids only, no
+"columns") is read as the equivalent version 2.
 """
 
 from __future__ import annotations
@@ -24,20 +32,65 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raygen.errors import DataError
+from raygen.families.base import DataInfo
 
 MANIFEST = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)  # schema versions this raygen reads
 SHARD_GLOB = "shard-*.parquet"
+COLUMN_KINDS = ("ids", "latents", "side")
+DTYPES = {"int32": pa.int32(), "int8": pa.int8(), "uint8": pa.uint8(), "float16": pa.float16(),
+          "float32": pa.float32()}
 
 
-def shard_schema(tokens_per_row: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("tokens", pa.list_(pa.int32(), tokens_per_row)),  # raster order, h*w ids
-            pa.field("label", pa.int32()),
-            pa.field("index", pa.int64()),  # row of the source this came from
-        ]
-    )
+@dataclass(frozen=True)
+class Column:
+    """One declared data column: its kind, storage dtype and per-row shape (+ vocab or scale)."""
+
+    name: str
+    kind: str  # ids | latents | side
+    dtype: str  # a key of DTYPES
+    shape: tuple[int, ...]  # per row; ids: (h*w,), latents: (L, D)
+    vocab_size: int | None = None  # ids
+    scale: float | None = None  # latents: the codec's latent scale
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def arrow_type(self) -> pa.DataType:
+        return pa.list_(DTYPES[self.dtype], self.size)
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.vocab_size is not None:
+            out["vocab_size"] = self.vocab_size
+        if self.scale is not None:
+            out["scale"] = self.scale
+        return out
+
+    @classmethod
+    def from_json(cls, name: str, d: dict[str, Any]) -> "Column":
+        if d.get("kind") not in COLUMN_KINDS or d.get("dtype") not in DTYPES:
+            raise DataError(f"column '{name}' declares kind {d.get('kind')!r} / dtype {d.get('dtype')!r}; "
+                            f"known kinds: {', '.join(COLUMN_KINDS)}; dtypes: {', '.join(DTYPES)}")
+        return cls(name, d["kind"], d["dtype"], tuple(int(v) for v in d["shape"]), d.get("vocab_size"), d.get("scale"))
+
+
+def columns(manifest: dict[str, Any]) -> list[Column]:
+    """The data columns a manifest declares, data column first."""
+    return [Column.from_json(n, d) for n, d in manifest["columns"].items()]
+
+
+def data_column(manifest: dict[str, Any]) -> Column:
+    """The one ids or latents column of a data set."""
+    return next(c for c in columns(manifest) if c.kind != "side")
+
+
+def shard_schema(cols: list[Column]) -> pa.Schema:
+    return pa.schema([*(pa.field(c.name, c.arrow_type()) for c in cols),
+                      pa.field("label", pa.int32()),
+                      pa.field("index", pa.int64())])  # row of the source this came from
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -56,11 +109,25 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read '{path}': {e}") from None
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(
-            f"'{path}' has schema version {manifest.get('schema_version')!r}; this raygen reads version {SCHEMA_VERSION}"
-        )
+    version = manifest.get("schema_version")
+    if version not in READS:
+        raise DataError(f"'{path}' has schema version {version!r}; this raygen reads versions "
+                        f"{', '.join(map(str, READS))}")
+    if version == 1:  # ids only, before columns were declared
+        n = int(np.prod(manifest["grid"]))
+        manifest["columns"] = {"tokens": Column("tokens", "ids", "int32", (n,), manifest["vocab_size"]).to_json()}
+    data = [c for c in manifest.get("columns", {}).values() if c.get("kind") in ("ids", "latents")]
+    if len(data) != 1:
+        raise DataError(f"'{path}' must declare exactly one ids or latents column, got {len(data)}")
     return manifest
+
+
+def data_info(manifest: dict[str, Any]) -> DataInfo:
+    """The manifest in the terms a family plugin reads (kind, grid, classes, vocab or width)."""
+    col = data_column(manifest)
+    return DataInfo(kind=col.kind, column=col.name, grid=tuple(manifest["grid"]), num_classes=manifest["num_classes"],
+                    vocab_size=col.vocab_size, token_dim=col.shape[-1] if col.kind == "latents" else None,
+                    side_columns=tuple(c.name for c in columns(manifest) if c.kind == "side"))
 
 
 def shard_paths(root: str | Path, manifest: dict[str, Any]) -> list[str]:
@@ -102,7 +169,7 @@ def prepare_destination(out: Path, request: dict[str, Any], overwrite: bool) -> 
             manifest = read_manifest(out)
         except DataError:
             manifest = None
-        if manifest is not None and manifest.get("request") == request:
+        if manifest is not None and _same_request(manifest.get("request", {}), request):
             problems = check_files(out, manifest, checksums=False)
             if not problems:
                 return True
@@ -125,6 +192,14 @@ def prepare_destination(out: Path, request: dict[str, Any], overwrite: bool) -> 
     return False
 
 
+def _same_request(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The same settings; the schema version does not count (older versions are still read)."""
+    def strip(r: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in r.items() if k != "schema_version"}
+
+    return strip(old) == strip(new)
+
+
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
     diffs = []
     for k in sorted(set(old) | set(new)):
@@ -145,10 +220,10 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
 
 @dataclass
 class ShardWriter:
-    """Buffers rows and writes fixed-size shards into a staging directory beside `out`."""
+    """Buffers rows and writes fixed-size shards of the declared columns into a staging directory beside `out`."""
 
     out: Path
-    tokens_per_row: int
+    cols: list[Column]
     rows_per_shard: int
     staging: Path = field(init=False)
     shards: list[dict[str, Any]] = field(default_factory=list)
@@ -161,30 +236,31 @@ class ShardWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging = self.out.parent / f".{self.out.name}.staging-{uuid.uuid4().hex[:8]}"
         self.staging.mkdir()
+        self.schema = shard_schema(self.cols)
 
-    def add(self, tokens: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
-        if len(tokens) == 0:
+    def add(self, data: dict[str, np.ndarray], labels: np.ndarray, index: np.ndarray) -> None:
+        """data: {column name: (n, *shape) array} for every declared column; labels, index: (n,)."""
+        if len(labels) == 0:
             return
-        self._buf.append({"tokens": tokens, "label": labels, "index": index})
-        self._buffered += len(tokens)
+        rows = {c.name: np.asarray(data[c.name]).reshape(len(labels), c.size) for c in self.cols}
+        self._buf.append({**rows, "label": labels, "index": index})
+        self._buffered += len(labels)
         while self._buffered >= self.rows_per_shard:
             self._flush(self.rows_per_shard)
 
     def _flush(self, n: int) -> None:
-        cols = {k: np.concatenate([b[k] for b in self._buf]) for k in ("tokens", "label", "index")}
-        take = {k: v[:n] for k, v in cols.items()}
-        rest = {k: v[n:] for k, v in cols.items()}
+        names = [c.name for c in self.cols] + ["label", "index"]
+        cat = {k: np.concatenate([b[k] for b in self._buf]) for k in names}
+        take = {k: v[:n] for k, v in cat.items()}
+        rest = {k: v[n:] for k, v in cat.items()}
         self._buf = [rest] if len(rest["label"]) else []
         self._buffered = len(rest["label"])
-        tokens = np.ascontiguousarray(take["tokens"], dtype=np.int32)
-        table = pa.Table.from_arrays(
-            [
-                pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), self.tokens_per_row),
-                pa.array(take["label"].astype(np.int32)),
-                pa.array(take["index"].astype(np.int64)),
-            ],
-            schema=shard_schema(self.tokens_per_row),
-        )
+        arrays = []
+        for c in self.cols:
+            values = np.ascontiguousarray(take[c.name], dtype=np.dtype(c.dtype)).reshape(-1)
+            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values, type=DTYPES[c.dtype]), c.size))
+        arrays += [pa.array(take["label"].astype(np.int32)), pa.array(take["index"].astype(np.int64))]
+        table = pa.Table.from_arrays(arrays, schema=self.schema)
         name = f"shard-{len(self.shards):05d}.parquet"
         tmp = self.staging / (name + ".tmp")
         pq.write_table(table, tmp)
@@ -198,7 +274,8 @@ class ShardWriter:
             self._flush(self._buffered)
         if self.rows == 0:
             raise DataError("no rows to write: every input was skipped")
-        manifest = {**manifest, "rows": self.rows, "shards": self.shards}
+        manifest = {**manifest, "columns": {c.name: c.to_json() for c in self.cols}, "rows": self.rows,
+                    "shards": self.shards}
         tmp = self.staging / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, self.staging / MANIFEST)
@@ -256,28 +333,59 @@ class CheckReport:
     manifest: dict[str, Any]
     problems: list[str]
     label_counts: list[int]
-    token_min: int | None
-    token_max: int | None
-    tokens_used: int
+    values: dict[str, dict[str, Any]]  # per column: ids {min, max, used}; latents {min, max, mean, std}
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
+def check_values(col: Column, values: np.ndarray) -> str | None:
+    """What is wrong with a column's values (None if nothing): ids in range, latents finite."""
+    if values.size == 0:
+        return None
+    if col.kind == "ids":
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi >= col.vocab_size:
+            return f"token ids in [{lo}, {hi}], outside [0, {col.vocab_size})"
+    elif col.kind == "latents":
+        bad = ~np.isfinite(values)
+        if bad.any():
+            return f"{int(bad.sum())} non-finite latent values"
+    return None
+
+
+def check_codec(manifest: dict[str, Any]) -> str | None:
+    """Rebuild the codec from the manifest's spec (and weights) and compare its fingerprint."""
+    from raygen.models.tokenizers import from_spec
+
+    spec = {k: v for k, v in manifest["tokenizer"].items() if k != "fingerprint"}
+    try:
+        got = from_spec(spec).fingerprint()
+    except Exception as e:  # noqa: BLE001 - a missing weights file, an unknown codec: a finding, not a crash
+        return f"the {spec.get('name')} codec cannot be rebuilt from the manifest: {str(e).splitlines()[0]}"
+    want = manifest["tokenizer"].get("fingerprint")
+    if got != want:
+        return (f"the codec rebuilt from the manifest's spec and weights has fingerprint {got}, the manifest says "
+                f"{want} (its weights or spec changed since tokenizing)")
+    return None
+
+
 def check_dataset(root: str | Path) -> CheckReport:
-    """Verify a data set against its manifest: files, counts, checksums, schema, value ranges."""
+    """Verify a data set against its manifest: files, counts, checksums, schema, values, codec."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data set directory '{root}' does not exist")
     manifest = read_manifest(root)
     problems = check_files(root, manifest, checksums=True)
-    n_tokens = int(np.prod(manifest["grid"]))
-    expected = shard_schema(n_tokens)
-    vocab, n_classes = manifest["vocab_size"], manifest["num_classes"]
+    codec = check_codec(manifest)
+    if codec:
+        problems.append(codec)
+    cols = columns(manifest)
+    expected = shard_schema(cols)
+    n_classes = manifest["num_classes"]
     labels = np.zeros(n_classes, dtype=np.int64)
-    used = np.zeros(vocab, dtype=bool)
-    tmin, tmax = None, None
+    stats = {c.name: _Stats(c) for c in cols}
     seen_index: set[int] = set()
     for s in manifest["shards"]:
         path = root / s["file"]
@@ -290,15 +398,13 @@ def check_dataset(root: str | Path) -> CheckReport:
         if not table.schema.equals(expected):
             problems.append(f"{s['file']} has schema {table.schema.to_string(show_schema_metadata=False)!r}, expected {expected}")
             continue
-        tokens = table.column("tokens").combine_chunks().flatten().to_numpy()
-        if tokens.size:
-            lo, hi = int(tokens.min()), int(tokens.max())
-            tmin = lo if tmin is None else min(tmin, lo)
-            tmax = hi if tmax is None else max(tmax, hi)
-            if lo < 0 or hi >= vocab:
-                problems.append(f"{s['file']} has token ids in [{lo}, {hi}], outside [0, {vocab})")
+        for c in cols:
+            values = table.column(c.name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            bad = check_values(c, values)
+            if bad:
+                problems.append(f"{s['file']} has {bad} in column {c.name}")
             else:
-                used[np.unique(tokens)] = True
+                stats[c.name].add(values)
         lab = table.column("label").to_numpy()
         bad = (lab < 0) | (lab >= n_classes)
         if bad.any():
@@ -309,7 +415,49 @@ def check_dataset(root: str | Path) -> CheckReport:
         if dup or len(set(idx)) != len(idx):
             problems.append(f"{s['file']} repeats source indices")
         seen_index.update(idx)
-    return CheckReport(manifest, problems, labels.tolist(), tmin, tmax, int(used.sum()))
+    return CheckReport(manifest, problems, labels.tolist(), {n: st.summary() for n, st in stats.items()})
+
+
+class _Stats:
+    """Running summary of one column's values over the shards."""
+
+    def __init__(self, col: Column):
+        self.col, self.n, self.sum, self.sq = col, 0, 0.0, 0.0
+        self.lo: float | None = None
+        self.hi: float | None = None
+        self.used = np.zeros(col.vocab_size or 0, dtype=bool)
+
+    def add(self, values: np.ndarray) -> None:
+        if not values.size:
+            return
+        lo, hi = values.min().item(), values.max().item()
+        self.lo = lo if self.lo is None else min(self.lo, lo)
+        self.hi = hi if self.hi is None else max(self.hi, hi)
+        if self.col.kind == "ids":
+            self.used[np.unique(values)] = True
+        else:
+            v = values.astype(np.float64)
+            self.n, self.sum, self.sq = self.n + v.size, self.sum + v.sum(), self.sq + (v * v).sum()
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"min": self.lo, "max": self.hi}
+        if self.col.kind == "ids":
+            out["used"] = int(self.used.sum())
+        elif self.n:
+            mean = self.sum / self.n
+            out.update(mean=mean, std=max(0.0, self.sq / self.n - mean * mean) ** 0.5)
+        return out
+
+
+def _describe_column(c: Column, v: dict[str, Any]) -> str:
+    shape = "x".join(map(str, c.shape))
+    if c.kind == "ids":
+        used = f"ids used: {v['used']}" + (f", range [{v['min']}, {v['max']}]" if v["min"] is not None else "")
+        return f"{c.name}: ids {shape} {c.dtype}, vocab {c.vocab_size}  ({used})"
+    text = f"{c.name}: {c.kind} {shape} {c.dtype}" + (f", scale {c.scale:g}" if c.scale is not None else "")
+    if v.get("mean") is not None:
+        text += f"  (range [{v['min']:.3g}, {v['max']:.3g}], mean {v['mean']:.3g}, std {v['std']:.3g})"
+    return text
 
 
 def format_report(root: str | Path, r: CheckReport) -> str:
@@ -319,9 +467,9 @@ def format_report(root: str | Path, r: CheckReport) -> str:
         f"data set     {root}",
         f"source       {m['source']['name']}" + (f" ({m['source']['path']})" if m["source"].get("path") else ""),
         f"images       {m['source']['image_size']}x{m['source']['image_size']}x{m['source']['channels']}",
-        f"tokenizer    {tok['name']}  fingerprint {tok['fingerprint']}",
-        f"grid         {m['grid'][0]}x{m['grid'][1]}  vocab {m['vocab_size']}  (ids used: {r.tokens_used}"
-        + (f", range [{r.token_min}, {r.token_max}])" if r.token_min is not None else ")"),
+        f"codec        {tok['name']}  fingerprint {tok['fingerprint']}",
+        f"grid         {m['grid'][0]}x{m['grid'][1]}",
+        *(f"column       {_describe_column(c, r.values[c.name])}" for c in columns(m)),
         f"classes      {m['num_classes']}  rows per class: {r.label_counts if len(r.label_counts) <= 20 else str(r.label_counts[:20])[:-1] + ', ...]'}",
         f"rows         {m['rows']} in {len(m['shards'])} shards",
         f"skipped      {len(m['skipped'])}" + "".join(f"\n  - {s['input']}: {s['error']}" for s in m["skipped"][:5]),

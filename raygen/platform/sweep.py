@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from raygen.config import Config, load_config, parse_labels
 from raygen.errors import ConfigError, UserError
+from raygen.options import path_keys
 from raygen.platform.sweep_spec import SweepSpec, check_space, one_at_a_time, trial_config
 
 DRIVER_CPUS = 0.1  # a train trial's own process; the Train controller asks for none, its workers for theirs
@@ -126,14 +127,11 @@ class SweepPlan:
     notes: list[str] = field(default_factory=list)
 
 
-PATH_KEYS = ("data.shards", "data.path", "ctf.lookup", "eval.reference", "eval.inception_weights")
-
-
 def _absolute_paths(cfg: Config) -> Config:
     """Tune runs each trial in its own directory: every path a trial reads must be absolute."""
     values: dict[str, Any] = {"workdir": str(Path(cfg.workdir).resolve())}
     flat = cfg.flat()
-    for key in PATH_KEYS:
+    for key in path_keys(cfg):
         if flat.get(key):
             values[key] = str(Path(flat[key]).expanduser().resolve())
     return load_config(None, [], base=cfg, **values)
@@ -169,7 +167,7 @@ def plan_sweep(spec: SweepSpec, overrides: list[str] | tuple[str, ...] = (), *, 
                          workers=t.workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu)
     base = load_config(None, [], base=base, **{"train.workers": res.workers, "train.cpus_per_worker": res.cpus_per_worker,
                                                "train.use_gpu": res.use_gpu})
-    from raygen.jobs.train import data_dir_of
+    from raygen.platform.tokenize import data_dir_of
 
     data_dir = str(Path(data_dir_of(base)).resolve())
     plan = SweepPlan(spec, base, tracking.tracking_uri(base.workdir, base.tracking.uri), res, data_dir)
@@ -187,11 +185,9 @@ def plan_sweep(spec: SweepSpec, overrides: list[str] | tuple[str, ...] = (), *, 
 
 
 def check_train_trials(plan: SweepPlan) -> None:
-    """Plan each candidate's training run (model vs data, batch vs rows, CTF lookups, made and cached
-    here once per cluster count) and check the metric is one these runs report."""
-    import torch
-
-    from raygen.models.registry import build_model
+    """Plan each candidate's training run (model vs data, batch vs rows, what the family prepares,
+    e.g. lookups made and cached here once per cluster count) and check the metric is one these
+    runs report."""
     from raygen.platform.train import plan_training
 
     spec, res = plan.spec, plan.resources
@@ -208,9 +204,7 @@ def check_train_trials(plan: SweepPlan) -> None:
             if p.manifest["source"]["name"] != "digits":
                 raise ConfigError(f"metric {spec.metric} is measured on digits models; '{plan.data_dir}' holds "
                                   f"{p.manifest['source']['name']} images; use metric: train/loss")
-            with torch.device("meta"):
-                m = build_model(cfg.model.family, cfg.model.size, **p.arch)
-            if not m.standalone:
+            if not p.family.can_sample({"model_config": p.model_config}):
                 raise ConfigError(f"metric {spec.metric}: a {cfg.model.family} {cfg.model.size} model samples only as "
                                   "part of a registered pair; use metric: train/loss")
 
@@ -237,9 +231,6 @@ def _asha_args(spec: SweepSpec, plan: SweepPlan) -> dict[str, Any] | None:
 
 def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri: str | None,
                  cpus: float, gpus: float) -> SweepPlan:
-    import torch
-
-    from raygen.models.registry import build_model
     from raygen.platform import evaluate
     from raygen.platform import metrics as M
     from raygen.platform.sampling import check_knobs, is_digits
@@ -248,16 +239,11 @@ def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri
     target.cfg = _absolute_paths(target.cfg)
     check_space(spec, target.cfg)
     meta = target.meta
-    probe = None
-    if "kind" not in meta:  # a single-model export (a CTF pair's knobs are checked when it samples)
-        with torch.device("meta"):
-            probe = build_model(meta["family"], meta["size"], **meta["arch"])
     for values in one_at_a_time(spec):
         cfg = trial_config(target.cfg, values)
         try:
             parse_labels(cfg.sample.labels, meta["data"]["num_classes"])
-            if probe is not None:
-                check_knobs(probe, cfg.sample.knobs)
+            check_knobs(meta, cfg.sample.knobs)
         except UserError as e:
             where = ", ".join(f"{k}={v}" for k, v in values.items())
             raise type(e)(f"trial with {where}: {e.message}") from None

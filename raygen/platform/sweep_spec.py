@@ -11,7 +11,7 @@
     mode: max                            # default: the metric's own direction
     num_samples: 2                       # samples of the random keys, per grid point
     scheduler: {name: asha, grace_period: 150, reduction_factor: 2}   # or asha, or none
-    register: {name: digits-ar, alias: best-lr}
+    register: {name: digits, alias: best-lr}
 
 A sample-time sweep (every key under sample.*, or `kind: sample`) names a registered model
 instead of a base preset, and `n`, the samples each trial draws and scores.

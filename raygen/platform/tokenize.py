@@ -20,7 +20,7 @@ import torch
 
 from raygen.config import Config, TokenizerConfig
 from raygen.errors import ConfigError, DataError
-from raygen.models.tokenizers import PaletteTokenizer, Tokenizer, from_spec
+from raygen.models.tokenizers import Codec, PaletteTokenizer, from_spec
 from raygen.platform import shards
 from raygen.platform.sources import ImageDecoder, Source, open_source
 
@@ -44,8 +44,22 @@ class TokenizeResult:
     seconds: float
 
 
+def codec_section(cfg: TokenizerConfig) -> Any:
+    """The config section of the codec `tokenizer.name` names (tokenizer.palette, .vq, ...)."""
+    return getattr(cfg, cfg.name)
+
+
 def tokenizer_downsample(cfg: TokenizerConfig) -> int:
-    return cfg.palette.patch if cfg.name == "palette" else 2 ** (len(cfg.vq.ch_mult) - 1)
+    """Pixels per token side of the configured codec (computed from its config, no weights)."""
+    section = codec_section(cfg)
+    if hasattr(section, "patch"):
+        return section.patch
+    return 2 ** (len(section.ch_mult) - 1)
+
+
+def data_dir_of(cfg: Config) -> str:
+    """The data set a config trains on: data.shards, or where `raygen tokenize` would write it."""
+    return cfg.data.shards or str(plan(cfg).out)
 
 
 def plan(cfg: Config) -> TokenizePlan:
@@ -59,7 +73,7 @@ def plan(cfg: Config) -> TokenizePlan:
             f"bad value for 'data.image_size': {image_size}; the {cfg.tokenizer.name} tokenizer needs a multiple of {down}"
         )
     out = Path(cfg.data.shards or Path(cfg.workdir) / "data" / f"{source.name}-{cfg.tokenizer.name}-{image_size}")
-    tok_cfg = cfg.tokenizer.palette if cfg.tokenizer.name == "palette" else cfg.tokenizer.vq
+    tok_cfg = codec_section(cfg.tokenizer)
     request = {
         "schema_version": shards.SCHEMA_VERSION,
         "source": {
@@ -73,6 +87,8 @@ def plan(cfg: Config) -> TokenizePlan:
         "rows_per_shard": cfg.data.rows_per_shard,
         "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg)},
     }
+    if cfg.tokenizer.name == "pixels":
+        request["latent_dtype"] = cfg.tokenizer.latent_dtype
     if cfg.tokenizer.name == "palette" and tok_cfg.patch == 1:  # as before patches existed: same request
         del request["tokenizer"]["config"]["patch"]
     return TokenizePlan(source, image_size, channels, out.resolve(), request)
@@ -85,15 +101,16 @@ def _jsonable(dc: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(dc)))
 
 
-def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Tokenizer:
-    """The palette is fitted on a seeded sample of the source; the VQ comes from its config."""
-    if cfg.tokenizer.name == "vq":
-        from raygen.models.tokenizers.vq import VQTokenizer
+def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Codec:
+    """The palette is fitted on a seeded sample of the source; the others come from their config."""
+    from raygen.models.tokenizers import CODECS
 
+    name = cfg.tokenizer.name
+    if name != "palette":
         try:
-            return VQTokenizer(cfg.tokenizer.vq, image_size=p.image_size, channels=p.channels)
+            return CODECS[name](codec_section(cfg.tokenizer), image_size=p.image_size, channels=p.channels)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"tokenizer.vq: {e}") from None
+            raise ConfigError(f"tokenizer.{name}: {e}") from None
     pcfg = cfg.tokenizer.palette
     g = np.random.default_rng(pcfg.seed)
     n = min(len(p.source.items), pcfg.fit_images)
@@ -111,10 +128,17 @@ def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Toke
     return PaletteTokenizer.fit(pcfg, batch, image_size=p.image_size, channels=p.channels)
 
 
-class TokenizeActor:
-    """Ray Data actor: one tokenizer per process, rebuilt from its spec and checked by fingerprint."""
+def column_of(tok: Codec, latent_dtype: str) -> shards.Column:
+    """The data column a codec's output is stored in."""
+    if tok.kind == "ids":
+        return shards.Column("tokens", "ids", "int32", (int(np.prod(tok.grid)),), vocab_size=tok.vocab_size)
+    return shards.Column("latents", "latents", latent_dtype, tuple(tok.latent_shape), scale=float(tok.scale))
 
-    def __init__(self, spec: dict[str, Any], fingerprint: str, device: str):
+
+class TokenizeActor:
+    """Ray Data actor: one codec per process, rebuilt from its spec and checked by fingerprint."""
+
+    def __init__(self, spec: dict[str, Any], fingerprint: str, device: str, column: dict[str, Any]):
         self.tok = from_spec(spec).to(device)
         got = self.tok.fingerprint()
         if got != fingerprint:
@@ -122,15 +146,15 @@ class TokenizeActor:
                 f"the tokenizer rebuilt on a worker has fingerprint {got}, the driver's is {fingerprint} "
                 "(is the checkpoint file the same on every node?)"
             )
-        self.n = int(np.prod(self.tok.grid))
+        self.col = shards.Column.from_json(column["name"], column)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        tokens = np.zeros((len(ok), self.n), dtype=np.int32)
+        out = np.zeros((len(ok), self.col.size), dtype=np.dtype(self.col.dtype))
         if ok.any():
             images = torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"])[ok]))
-            tokens[ok] = self.tok.encode(images).flatten(1).numpy().astype(np.int32)
-        return {"tokens": tokens, "label": batch["label"], "index": batch["index"],
+            out[ok] = self.tok.encode(images).flatten(1).numpy().astype(out.dtype)
+        return {self.col.name: out, "label": batch["label"], "index": batch["index"],
                 "input": batch["input"], "error": batch["error"]}
 
 
@@ -148,7 +172,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
                            resize=cfg.data.resize, on_bad_input=cfg.data.on_bad_input)
     tok = build_tokenizer(cfg, p, decoder)
     spec, fingerprint = tok.spec(), tok.fingerprint()
-    n_tokens = int(np.prod(tok.grid))
+    col = column_of(tok, cfg.tokenizer.latent_dtype)
 
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
@@ -166,21 +190,22 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
     ds = ds.map_batches(decoder, batch_size=items_per_block, num_cpus=1)
     ds = ds.map_batches(
         TokenizeActor,
-        fn_constructor_kwargs={"spec": spec, "fingerprint": fingerprint, "device": "cuda" if use_gpu else "cpu"},
+        fn_constructor_kwargs={"spec": spec, "fingerprint": fingerprint, "device": "cuda" if use_gpu else "cpu",
+                               "column": {"name": col.name, **col.to_json()}},
         batch_size=cfg.tokenizer.batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=0 if use_gpu else 1,
         num_gpus=cfg.tokenizer.gpus_per_worker if use_gpu else 0,
     )
 
-    writer = shards.ShardWriter(p.out, n_tokens, cfg.data.rows_per_shard)
+    writer = shards.ShardWriter(p.out, [col], cfg.data.rows_per_shard)
     skipped: list[dict[str, str]] = []
     last_report = time.time()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
             skipped += [{"input": str(i), "error": str(e)} for i, e in zip(batch["input"][bad], batch["error"][bad])]
-            writer.add(batch["tokens"][~bad], batch["label"][~bad], batch["index"][~bad])
+            writer.add({col.name: batch[col.name][~bad]}, batch["label"][~bad], batch["index"][~bad])
             if progress and time.time() - last_report > 10:
                 last_report = time.time()
                 print(f"tokenize: {writer.rows} of {p.source.rows} rows in shards", file=sys.stderr)
@@ -191,7 +216,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
             "source": {**p.request["source"], "rows": p.source.rows},
             "tokenizer": {**spec, "fingerprint": fingerprint},
             "grid": list(tok.grid),
-            "vocab_size": tok.vocab_size,
+            **({"vocab_size": tok.vocab_size} if tok.kind == "ids" else {}),
             "num_classes": p.source.num_classes,
             "class_names": p.source.class_names,
             "skipped": skipped,

@@ -1,6 +1,6 @@
 """Distributed training: Ray Data streams the shards into Ray Train workers that drive DeepSpeed.
 
-    raygen train --preset ar-debug --data DIR [key=value ...]
+    raygen train --preset demo --data DIR [key=value ...]
 
 The driver checks the data set against the model before any worker starts, opens the MLflow
 run, and builds one `TorchTrainer`. Each worker runs `train_loop_per_worker`: a step-based
@@ -22,54 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from raygen import families
 from raygen.config import Config, TrainConfig
 from raygen.errors import ConfigError, DataError, UserError
+from raygen.families import Family
 from raygen.models.registry import build_model, model_config
 from raygen.platform import shards
 from raygen.platform.engine import batch_split, build_ds_config, resolve_zero_stage
+from raygen.platform.loop import EMA, BatchChecker, LoopHooks, TrainState, lr_at, run_steps  # noqa: F401 - lr_at, EMA: API
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
 ABORT_TAG = "raygen.abort"
-
-# --------------------------------------------------------------------------------------
-# Pure functions of the step
-# --------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.schedule == "constant":
-        return t.lr
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    if t.schedule == "linear":
-        return t.min_lr + (t.lr - t.min_lr) * (1 - progress)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
-
-
-class EMA:
-    """Exponential moving average of the weights, in fp32 (the loop calls it inside full_params)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t.cpu() for n, t in self.shadow.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for n, t in state.items():
-            self.shadow[n].copy_(t)
-
 
 # --------------------------------------------------------------------------------------
 # Planning (driver, before any worker starts)
@@ -80,7 +46,10 @@ class EMA:
 class TrainPlan:
     data_dir: str
     manifest: dict[str, Any]
-    arch: dict[str, Any]  # model_config overrides: the user's plus vocab/grid/classes from the data
+    family: str  # the plugin's name; family_module registered it (workers import it again)
+    family_module: str
+    arch: dict[str, Any]  # model_config overrides: the user's, the data's and the family's prepared ones
+    model_config: dict[str, Any]  # the resolved model config (JSON)
     n_params: int
     workers: int
     cpus_per_worker: float
@@ -91,37 +60,41 @@ class TrainPlan:
     accumulation: int
     ds_config: dict[str, Any]
     storage_path: str
-    lookup: dict[str, Any] | None = None  # family ctf: the lookup file's meta, path and tables
+    column: dict[str, Any]  # the data column the family reads: {name, kind, dtype, shape, vocab_size, scale}
+    prepared: dict[str, Any]  # families.Prepared as a dict: payload, params, artifacts, export
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-
-def data_arch(manifest: dict[str, Any]) -> dict[str, Any]:
-    grid = manifest["grid"]
-    if grid[0] != grid[1]:
-        raise DataError(f"the data set's token grid is {grid[0]}x{grid[1]}; the models need a square grid")
-    return {"vocab_size": manifest["vocab_size"], "num_classes": manifest["num_classes"], "grid_size": grid[0]}
+    @property
+    def plugin(self) -> Family:
+        return families.get(self.family)
 
 
 def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data_dir: str) -> TrainPlan:
+    """Check everything that can be checked before a worker starts: the data set (files, checksums,
+    columns) against the family and the model, the family's preparations, knobs, resources, batch."""
+    family = families.get(cfg.model.family)
     manifest = shards.read_manifest(data_dir)
-    problems = shards.check_files(Path(data_dir), manifest, checksums=False)
+    problems = shards.check_files(Path(data_dir), manifest, checksums=True)
     if problems:
         raise DataError(f"data set '{data_dir}' is damaged: {problems[0]} (run `raygen data check {data_dir}`)")
+    data = shards.data_info(manifest)
+    family.check_data(data, f"data set '{data_dir}'")
     arch = dict(cfg.model.arch)
-    for key, value in data_arch(manifest).items():
+    for key, value in family.arch_from_data(data).items():
         if key in arch and arch[key] != value:
             raise ConfigError(
                 f"model.arch.{key}={arch[key]} does not match the data set '{data_dir}', which has {key}={value}"
             )
         arch[key] = value
-    lookup = None
-    if cfg.model.family.lower() == "ctf":
-        lookup = _ctf_lookup(cfg, manifest, data_dir, arch)
+    prepared = family.prepare(cfg, manifest, data_dir, arch)
+    arch.update(prepared.arch)
+    family.check_knobs(cfg.sample.knobs)
     try:
+        resolved = model_config(family.name, cfg.model.size, **arch)
         with torch.device("meta"):
-            model = build_model(cfg.model.family, cfg.model.size, **arch)
+            model = build_model(family.name, cfg.model.size, **arch)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     n_params = sum(p.numel() for p in model.parameters())
@@ -158,32 +131,15 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
     ds_config = build_ds_config(global_batch=t.global_batch, micro_batch=t.micro_batch, world=workers, stage=stage,
                                 bf16=precision == "bf16", grad_clip=t.grad_clip, raw=t.ds_config)
     storage = str((Path(cfg.workdir) / "checkpoints").resolve())
-    return TrainPlan(str(Path(data_dir).resolve()), manifest, arch, n_params, workers, cpw, use_gpu, precision,
-                     stage, micro, accum, ds_config, storage, lookup)
+    column = shards.data_column(manifest)
+    return TrainPlan(str(Path(data_dir).resolve()), manifest, family.name, families.module_of(family.name), arch,
+                     _jsonable(dataclasses.asdict(resolved)), n_params, workers, cpw, use_gpu, precision, stage,
+                     micro, accum, ds_config, storage, {"name": column.name, **column.to_json()},
+                     dataclasses.asdict(prepared))
 
 
-def _ctf_lookup(cfg: Config, manifest: dict[str, Any], data_dir: str, arch: dict[str, Any]) -> dict[str, Any]:
-    """Resolve (or make) the run's fine->coarse lookup; K and its fingerprint go into the model's arch."""
-    from raygen.platform.ctf import resolve_lookup
-
-    lf = resolve_lookup(cfg.ctf, manifest, cfg.workdir, data_dir=f"data set '{data_dir}'")
-    for key, value in (("clusters", lf.meta["clusters"]), ("lookup_fingerprint", lf.fingerprint)):
-        if key in arch and arch[key] != value:
-            raise ConfigError(f"model.arch.{key}={arch[key]!r} does not match the run's lookup ({key}={value!r}); "
-                              f"set ctf.clusters / ctf.lookup instead")
-        arch[key] = value
-    return {"path": str(lf.path), "meta": lf.meta, "fine_to_coarse": lf.lookup.fine_to_coarse.tolist(),
-            "representative": lf.lookup.representative.tolist()}
-
-
-def bind_plan_lookup(model: torch.nn.Module, lookup: dict[str, Any] | None) -> None:
-    """Install the planned CTF lookup into a freshly built stage (no-op for other families)."""
-    if lookup is None:
-        return
-    from raygen.models.ctf import Lookup
-
-    model.bind_lookup(Lookup(torch.tensor(lookup["fine_to_coarse"], dtype=torch.long),
-                             torch.tensor(lookup["representative"], dtype=torch.long)))
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
 
 
 # --------------------------------------------------------------------------------------
@@ -230,13 +186,15 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: assemble the parts (model, engine, state, batches, hooks) and run the loop."""
+    import importlib
+    import warnings
+
     import ray.train
     import ray.train.torch
 
     from raygen.platform.engine import DeepSpeedEngine
     from raygen.platform.tracking import MlflowTracker, NullTracker
-
-    import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = Config.from_dict(config["cfg"])
@@ -248,145 +206,113 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)  # nn.Dropout; explicit generators drive the rest
 
-    model = build_model(cfg.model.family, cfg.model.size, **plan["arch"])
-    bind_plan_lookup(model, plan["lookup"])
-    model = model.to(device)
+    importlib.import_module(plan["family_module"])  # a plugin from outside raygen registers itself
+    family = families.get(plan["family"])
+    model = family.build(cfg.model.size, plan["arch"], plan["prepared"]["payload"]).to(device)
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     engine = DeepSpeedEngine(model, optimizer, plan["ds_config"])
-    model = engine.module
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank)
-    ema = None
+    state = TrainState(torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank))
     if t.ema:
         with engine.full_params():  # under ZeRO-3 each rank holds only a partition otherwise
-            ema = EMA(model, t.ema)
-    step, epoch = 0, 0
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = engine.load(d)
-            step, epoch = int(state["step"]), int(state["epoch"]) + 1
-            rng_file = Path(d) / "rng" / f"rank{rank}.pt"
-            if rng_file.is_file():
-                gen.set_state(torch.load(rng_file, weights_only=True)["generator"])
-            if ema is not None and state.get("ema") is not None:
-                ema.load_state_dict(state["ema"])
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()  # nobody leaves (and deletes) the directory while others read it
+            state.ema = EMA(engine.module, t.ema)
+    checkpointer = Checkpointer(engine, state, rank, config["export_meta"])
+    restored = checkpointer.restore(ray.train.get_checkpoint())
 
     tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else NullTracker()
     shard = ray.train.get_dataset_shard("train")
-    samples_per_step = t.global_batch
-    flops = model.flops_per_sample()
-    peak_flops = _peak_flops(device, plan["precision"])
+    check = BatchChecker.of(plan["column"], plan["data_dir"], plan["manifest"])
 
-    def save(final: bool, metrics: dict[str, float]) -> None:
-        from ray.train import Checkpoint
-
-        with tempfile.TemporaryDirectory() as tmp:
-            client_state = {"step": step, "epoch": epoch, "ema": ema.state_dict() if ema else None}
-            engine.save(tmp, client_state)
-            (Path(tmp) / "rng").mkdir()
-            torch.save({"generator": gen.get_state()}, Path(tmp) / "rng" / f"rank{rank}.pt")
-            if final:
-                weights = engine.fp32_state_dict()  # collective
-                if ema is not None:
-                    weights = {**weights, **ema.state_dict()}
-                if rank == 0:
-                    from raygen.platform.sampling import write_export
-
-                    write_export(Path(tmp) / "export", weights, config["export_meta"])
-            ray.train.report({**metrics, "step": step}, checkpoint=Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"step_{step:08d}")
-
-    window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
-    bad_loss = False
-    last: dict[str, float] = {}
-    fail_armed = t.fail_at_step is not None and checkpoint is None and rank == world - 1
-    while step < t.steps:
+    def epoch_batches(epoch: int):
         batches = shard.iter_torch_batches(
-            batch_size=plan["micro_batch"], drop_last=True, dtypes={"tokens": torch.long, "label": torch.long},
-            device=device, local_shuffle_buffer_size=t.shuffle_buffer or None,
+            batch_size=plan["micro_batch"], drop_last=True,
+            dtypes={plan["column"]["name"]: torch.long if plan["column"]["kind"] == "ids" else torch.float32,
+                    "label": torch.long, "index": torch.long},
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
             prefetch_batches=t.prefetch_batches,
         )
-        it = iter(batches)
-        while step < t.steps:
-            t_wait = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                break
-            window["wait"] += time.perf_counter() - t_wait
-            engine.set_lr(lr_at(step, t))
-            out = engine(batch, generator=gen)
-            loss = out["loss"]
-            engine.backward(loss)
-            loss_value = float(loss.detach())
-            bad_loss |= not math.isfinite(loss_value)
-            window["loss"] += loss_value
-            window["n"] += 1
-            if not engine.step():
-                continue
-            step += 1
-            window["steps"] += 1
-            # One scalar all-reduce per step, so every rank stops at the same step.
-            if _all_reduce([float(bad_loss)], device, "max")[0] > 0:
-                # Every rank stops cleanly at this step (an exception would only be retried);
-                # the driver reads the reason from the run.
-                tracker.set_tag(ABORT_TAG, f"step {step}: loss {loss_value}")
-                return
-            if ema is not None:
-                with engine.full_params():
-                    ema.update(model)
-            if fail_armed and step >= t.fail_at_step:
-                raise RuntimeError(f"injected failure at step {step} (train.fail_at_step)")
-            if step % t.log_every == 0 or step == t.steps:
-                loss_sum, n = _all_reduce([window["loss"], window["n"]], device)
-                elapsed = time.perf_counter() - window["t0"]
-                sps = window["steps"] * samples_per_step / elapsed
-                last = {
-                    "train/loss": loss_sum / max(n, 1),
-                    "train/lr": lr_at(step - 1, t),
-                    "perf/samples_per_s": sps,
-                    "perf/data_wait_frac": window["wait"] / elapsed,
-                    "perf/tflops_per_worker": flops * sps / world / 1e12,
-                    "mem/peak_gb": _peak_mem_gb(device),
-                }
-                if peak_flops:
-                    last["perf/mfu"] = flops * sps / world / peak_flops
-                norm = engine.grad_norm()
-                if norm is not None and math.isfinite(norm):
-                    last["train/grad_norm"] = norm
-                tracker.log_metrics(last, step)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "t0": time.perf_counter(), "steps": 0}
-                if config.get("report_log_steps") and step < t.steps and step % t.checkpoint_every:
-                    # Every rank reports the log step (metrics only, rank 0's kept) when a callback
-                    # listens (a sweep's TuneReportCallback: what ASHA decides on). Checkpoint steps
-                    # report with their checkpoint below.
-                    ray.train.report({**last, "step": step})
-            if t.sample_every and step % t.sample_every == 0 and step < t.steps and model.standalone:
-                _log_samples(cfg, config, engine, device, step, tracker, rank)
-            if step % t.checkpoint_every == 0 and step < t.steps:
-                save(final=False, metrics={k: v for k, v in last.items() if k == "train/loss"})
-        epoch += 1
-    save(final=True, metrics={k: v for k, v in last.items() if k == "train/loss"})
+        return (check(b, device) for b in batches)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(metrics, step)
+        if config.get("report_log_steps") and step < t.steps and step % t.checkpoint_every:
+            # Every rank reports the log step (metrics only, rank 0's kept) when a callback listens
+            # (a sweep's TuneReportCallback: what ASHA decides on); checkpoint steps report with theirs.
+            ray.train.report({**metrics, "step": step})
+
+    def on_abort(step: int, loss: float) -> None:
+        # Every rank stops cleanly at this step (an exception would only be retried); the driver
+        # reads the reason from the run.
+        tracker.set_tag(ABORT_TAG, f"step {step}: loss {loss}")
+
+    hooks = LoopHooks(
+        reduce=lambda v: _all_reduce(v, device), any_rank=lambda flag: _all_reduce([float(flag)], device, "max")[0] > 0,
+        on_log=on_log, on_abort=on_abort,
+        on_sample=lambda step: _log_samples(cfg, config, engine, device, step, tracker, rank),
+        on_checkpoint=lambda step, metrics: checkpointer.save(step == t.steps, metrics),
+        fail_at_step=t.fail_at_step if not restored and rank == world - 1 else None, world=world,
+        peak_flops=_peak_flops(device, plan["precision"]), extra_metrics=lambda: {"mem/peak_gb": _peak_mem_gb(device)},
+    )
+    run_steps(engine, state, epoch_batches, t, hooks)
+
+
+class Checkpointer:
+    """Every rank's DeepSpeed shard + the loop state + its RNG, reported to Ray Train; the last
+    checkpoint also holds the consolidated export (rank 0 writes it)."""
+
+    def __init__(self, engine, state: TrainState, rank: int, export_meta: dict[str, Any]):
+        self.engine, self.state, self.rank, self.export_meta = engine, state, rank, export_meta
+
+    def restore(self, checkpoint) -> bool:
+        """Load the latest checkpoint Ray Train hands a (re)started worker; False when there is none."""
+        if checkpoint is None:
+            return False
+        import torch.distributed as dist
+
+        with checkpoint.as_directory() as d:
+            client_state = self.engine.load(d)
+            rng_file = Path(d) / "rng" / f"rank{self.rank}.pt"
+            rng = torch.load(rng_file, weights_only=True)["generator"] if rng_file.is_file() else None
+            self.state.restore(client_state, rng)
+            if dist.is_initialized():
+                dist.barrier()  # nobody leaves (and deletes) the directory while others read it
+        return True
+
+    def save(self, final: bool, metrics: dict[str, float]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from raygen.platform.sampling import write_export
+
+        state = self.state
+        with tempfile.TemporaryDirectory() as tmp:
+            self.engine.save(tmp, state.client_state())
+            (Path(tmp) / "rng").mkdir()
+            torch.save({"generator": state.generator.get_state()}, Path(tmp) / "rng" / f"rank{self.rank}.pt")
+            if final:
+                weights = self.engine.fp32_state_dict()  # collective
+                if state.ema is not None:
+                    weights = {**weights, **state.ema.state_dict()}
+                if self.rank == 0:
+                    write_export(Path(tmp) / "export", weights, self.export_meta)
+            ray.train.report({**metrics, "step": state.step}, checkpoint=Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"step_{state.step:08d}")
 
 
 def _log_samples(cfg: Config, config: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
     """A fixed-seed grid from the live weights; every rank generates (ZeRO-3 gathers collectively)."""
-    from raygen.platform.sampling import decode, grid_image, generate
     from raygen.config import parse_labels
+    from raygen.platform.sampling import decode, generate, grid_image
 
     meta = config["export_meta"]
+    if not families.get(meta["family"]).can_sample(meta):
+        return
     sample = dataclasses.replace(cfg.sample, per_label=min(cfg.sample.per_label, 4))
     classes = parse_labels(sample.labels, meta["data"]["num_classes"])[:10]
     labels = [c for c in classes for _ in range(sample.per_label)]
     with engine.full_params():
-        tokens = generate(engine.module, labels, sample, device)
+        tokens = generate(engine.module, meta, labels, sample, device)
     engine.module.train()
     if rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
@@ -417,17 +343,17 @@ class TrainingAborted(UserError):
 def export_meta(cfg: Config, plan: TrainPlan, run_id: str) -> dict[str, Any]:
     m = plan.manifest
     return {
-        "family": cfg.model.family,
+        "family": plan.family,
         "size": cfg.model.size,
         "arch": plan.arch,
-        "model_config": json.loads(json.dumps(dataclasses.asdict(model_config(cfg.model.family, cfg.model.size, **plan.arch)))),
+        "model_config": plan.model_config,
         "weights": "ema" if cfg.train.ema else "raw",
         "tokenizer": m["tokenizer"],
         "data": {"dir": plan.data_dir, "source": m["source"]["name"], "num_classes": m["num_classes"],
-                 "class_names": m.get("class_names"), "grid": m["grid"], "vocab_size": m["vocab_size"],
-                 "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]},
+                 "class_names": m.get("class_names"), "grid": m["grid"], "vocab_size": plan.column.get("vocab_size"),
+                 "column": plan.column, "tokenizer_fingerprint": m["tokenizer"]["fingerprint"]},
         "sample": dataclasses.asdict(cfg.sample),
-        **({"ctf_lookup": plan.lookup["meta"]} if plan.lookup else {}),
+        **plan.prepared["export"],
         "run_id": run_id,
         "steps": cfg.train.steps,
     }
@@ -459,14 +385,13 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         tracking.reopen_run(uri, run_id, clear_tags=(ABORT_TAG,))
     else:
         exp = tracking.ensure_experiment(uri, cfg.tracking.experiment, cfg.workdir)
-        name = cfg.tracking.run_name or f"{cfg.model.family}-{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.tracking.run_name or f"{plan.family}-{cfg.model.size}-{time.strftime('%Y%m%d-%H%M%S')}"
         # eval.* params belong to `raygen eval`, which logs what each evaluation used (config.yaml keeps all)
-        params = {**{k: v for k, v in cfg.flat().items() if not k.startswith("eval.")},
-                  **({"derived.ctf_lookup": plan.lookup["meta"]["fingerprint"]} if plan.lookup else {}),
+        params = {**{k: v for k, v in cfg.flat().items() if not k.startswith("eval.")}, **plan.prepared["params"],
                   "derived.n_params": plan.n_params, "derived.workers": plan.workers,
                   "derived.zero_stage": plan.zero_stage, "derived.micro_batch": plan.micro_batch,
                   "derived.accumulation": plan.accumulation, "derived.precision": plan.precision}
-        run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": cfg.model.family,
+        run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": plan.family,
                                                               "raygen.size": cfg.model.size,
                                                               "raygen.data": plan.data_dir, **(run_tags or {}),
                                                               **({tracking.PARENT_TAG: parent_run_id}
@@ -474,11 +399,13 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
         tracking.log_text(uri, run_id, json.dumps(plan.manifest, indent=1), "data/manifest.json")
         tracking.log_text(uri, run_id, json.dumps(plan.ds_config, indent=1), "ds_config.json")
-        if plan.lookup is not None:
-            tracking.log_artifact(uri, run_id, plan.lookup["path"], "ctf")
+        for path, artifact_dir in plan.prepared["artifacts"]:
+            tracking.log_artifact(uri, run_id, path, artifact_dir)
 
-    ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(["tokens", "label"])
-    n_bytes = plan.manifest["rows"] * (4 * int(plan.manifest["grid"][0]) ** 2 + 4)
+    column = shards.Column.from_json(plan.column["name"], plan.column)
+    ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(
+        [column.name, "label", "index"])
+    n_bytes = plan.manifest["rows"] * (column.size * np.dtype(column.dtype).itemsize + 12)
     if n_bytes < MATERIALIZE_BELOW_BYTES:
         # Small data sets live in the object store once instead of being re-read every epoch.
         ds = ds.materialize()
@@ -534,7 +461,7 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
     from raygen.platform.sampling import is_digits, load_export, sample_grid
 
     model, meta = load_export(export_dir)
-    if not model.standalone:  # e.g. a CTF stage 2: it samples as part of a registered pair
+    if not families.get(meta["family"]).can_sample(meta):  # e.g. a part of a composite export
         return {}
     png = export_dir.parent / f"{export_dir.name}-samples.png"
     s = sample_grid(model, meta, cfg.sample, png)
@@ -552,8 +479,11 @@ class TrainingFailed(UserError):
 
     @classmethod
     def of(cls, run_id: str, cause: BaseException) -> "TrainingFailed":
+        from raygen.errors import find_user_error
+
+        user = find_user_error(cause)  # e.g. a worker's DataError naming the bad shard and row
         lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-        detail = (lines[-1] if lines else type(cause).__name__)[:400]
+        detail = user.message if user else (lines[-1] if lines else type(cause).__name__)[:400]
         return cls(f"training failed (run {run_id}): {detail}; continue it with `raygen train --resume {run_id}`")
 
 

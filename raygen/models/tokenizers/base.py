@@ -1,10 +1,12 @@
-"""The tokenizer contract every tokenizer in raygen follows.
+"""The codec contract every tokenizer in raygen follows.
 
-A tokenizer is built for one image size and channel count. It maps uint8 images
-(B, H, W, C) to integer ids on a (h, w) grid and back. `spec()` is a small JSON-able
-description (name, config, fitted state) that rebuilds the same tokenizer with
+A codec is built for one image size and channel count. It maps uint8 images (B, H, W, C) to
+one token per cell of an (h, w) grid and back. A `Tokenizer` makes integer ids (kind "ids",
+ids in [0, vocab_size)); a `LatentCodec` makes continuous vectors (kind "latents", (B, h*w, D)
+floats, already multiplied by the codec's own latent scale). `spec()` is a small JSON-able
+description (name, config, fitted state) that rebuilds the same codec with
 `raygen.models.tokenizers.from_spec`; `fingerprint()` hashes the spec together with the
-weights, so a data set's manifest pins exactly the tokenizer that produced it.
+weights, so a data set's manifest pins exactly the codec that produced it.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch
 from torch import nn
 
 
-class Tokenizer(nn.Module, ABC):
-    """Images (B, H, W, C) uint8 <-> token ids (B, h, w) int64."""
+class Codec(nn.Module, ABC):
+    """Images (B, H, W, C) uint8 <-> one token per grid cell (ids or latents, by subclass)."""
 
     name: ClassVar[str]
+    kind: ClassVar[str]  # "ids" or "latents": what encode() returns
 
     def __init__(self, *, image_size: int, channels: int):
         super().__init__()
@@ -43,11 +46,6 @@ class Tokenizer(nn.Module, ABC):
         """Pixels per token along each side."""
 
     @property
-    @abstractmethod
-    def vocab_size(self) -> int:
-        """Number of distinct token ids; ids lie in [0, vocab_size)."""
-
-    @property
     def grid(self) -> tuple[int, int]:
         side = self.image_size // self.downsample
         return (side, side)
@@ -55,15 +53,11 @@ class Tokenizer(nn.Module, ABC):
     # --- the two verbs ----------------------------------------------------------------
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) uint8 -> (B, h, w) int64."""
+        """(B, H, W, C) uint8 -> tokens."""
 
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, h, w) integer ids -> (B, H, W, C) uint8."""
-
-    def codebook(self) -> torch.Tensor:
-        """(vocab_size, E) float vectors behind the ids (for clustering)."""
-        raise NotImplementedError(f"the {self.name} tokenizer has no codebook")
+        """tokens -> (B, H, W, C) uint8."""
 
     # --- identity ---------------------------------------------------------------------
     @abstractmethod
@@ -101,6 +95,21 @@ class Tokenizer(nn.Module, ABC):
                 f"expected images of {self.image_size}x{self.image_size}x{self.channels}, got {h}x{w}x{c}"
             )
 
+
+class Tokenizer(Codec):
+    """Images (B, H, W, C) uint8 <-> token ids (B, h, w) int64."""
+
+    kind = "ids"
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of distinct token ids; ids lie in [0, vocab_size)."""
+
+    def codebook(self) -> torch.Tensor:
+        """(vocab_size, E) float vectors behind the ids (for clustering)."""
+        raise NotImplementedError(f"the {self.name} tokenizer has no codebook")
+
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid:
             raise ValueError(f"expected tokens (B, {self.grid[0]}, {self.grid[1]}), got {tuple(tokens.shape)}")
@@ -108,6 +117,34 @@ class Tokenizer(nn.Module, ABC):
             raise ValueError(
                 f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
             )
+
+
+
+class LatentCodec(Codec):
+    """Images (B, H, W, C) uint8 <-> latents (B, h*w, D) float, in the codec's scaled units."""
+
+    kind = "latents"
+
+    @property
+    @abstractmethod
+    def latent_dim(self) -> int:
+        """D: channels per token."""
+
+    @property
+    def scale(self) -> float:
+        """The factor the codec applied to its raw latents (recorded in the manifest)."""
+        return 1.0
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(L, D) per image: L = h * w tokens in raster order."""
+        h, w = self.grid
+        return (h * w, self.latent_dim)
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.ndim != 3 or tuple(latents.shape[1:]) != self.latent_shape:
+            raise ValueError(f"expected latents (B, {self.latent_shape[0]}, {self.latent_shape[1]}), "
+                             f"got {tuple(latents.shape)}")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

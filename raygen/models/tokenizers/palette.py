@@ -41,6 +41,11 @@ class PaletteTokenizer(Tokenizer):
         self.register_buffer("palette", palette.float().round().clamp(0, 255))  # (K, p*p*C)
 
     @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "PaletteTokenizer":
+        return cls(PaletteConfig(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"],
+                   palette=torch.tensor(spec["state"]["palette"], dtype=torch.float32))
+
+    @classmethod
     def fit(cls, config: PaletteConfig, images: torch.Tensor, *, image_size: int, channels: int) -> "PaletteTokenizer":
         """Fit the palette on uint8 images (N, H, W, C) with seeded k-means++."""
         if images.ndim != 4 or images.shape[-1] != channels or images.dtype != torch.uint8:

@@ -262,6 +262,10 @@ class VQTokenizer(Tokenizer):
             self._load(config.checkpoint)
         self.eval()
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "VQTokenizer":
+        return cls(VQConfig(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"])
+
     def _load(self, path: str) -> None:
         sd = _load_state_dict(path)
         own = self.state_dict()

@@ -1,0 +1,231 @@
+"""The training loop as parts: state, batches, a metrics window, and the step loop itself.
+
+`run_steps` is the loop every worker runs, and nothing in it needs Ray: it takes an engine
+(DeepSpeed's or the plain-torch one), a `TrainState`, a function that yields one epoch of
+batches, and `LoopHooks` for what the surroundings do at log, sample and checkpoint steps. The
+Ray Train worker (`train.train_loop_per_worker`) only assembles these parts; a unit test runs
+the same loop on the plain-torch engine.
+
+    state = TrainState(generator=g)
+    outcome = run_steps(engine, state, epoch_batches, cfg.train, hooks)   # "done" or "aborted"
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raygen.config import TrainConfig
+from raygen.errors import DataError
+from raygen.platform import shards
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    if t.schedule == "linear":
+        return t.min_lr + (t.lr - t.min_lr) * (1 - progress)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the weights, in fp32 (the loop calls it inside full_params)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.cpu() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in state.items():
+            self.shadow[n].copy_(t)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must bring back: the step, the epoch, the loop's RNG, the EMA."""
+
+    generator: torch.Generator
+    step: int = 0
+    epoch: int = 0
+    ema: EMA | None = None
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "ema": self.ema.state_dict() if self.ema else None}
+
+    def restore(self, client_state: dict[str, Any], rng_state: torch.Tensor | None) -> None:
+        """Continue after a saved step: the saved epoch ended or was cut, the next one starts."""
+        self.step, self.epoch = int(client_state["step"]), int(client_state["epoch"]) + 1
+        if rng_state is not None:
+            self.generator.set_state(rng_state)
+        if self.ema is not None and client_state.get("ema") is not None:
+            self.ema.load_state_dict(client_state["ema"])
+
+
+@dataclass
+class MetricsWindow:
+    """Loss, data wait and steps since the last log step; `close` turns them into metrics."""
+
+    loss: float = 0.0
+    micro_steps: int = 0
+    wait_s: float = 0.0
+    steps: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def close(self, *, reduce: Callable[[list[float]], list[float]], samples_per_step: int, world: int,
+              flops_per_sample: float, peak_flops: float | None) -> dict[str, float]:
+        """Metrics over the window (the loss averaged over every rank's micro steps)."""
+        loss_sum, n = reduce([self.loss, float(self.micro_steps)])
+        elapsed = time.perf_counter() - self.t0
+        sps = self.steps * samples_per_step / elapsed
+        out = {"train/loss": loss_sum / max(n, 1), "perf/samples_per_s": sps, "perf/data_wait_frac": self.wait_s / elapsed,
+               "perf/tflops_per_worker": flops_per_sample * sps / world / 1e12}
+        if peak_flops:
+            out["perf/mfu"] = flops_per_sample * sps / world / peak_flops
+        return out
+
+
+@dataclass
+class LoopHooks:
+    """What the surroundings do at the loop's events; the defaults do nothing (a plain loop)."""
+
+    reduce: Callable[[list[float]], list[float]] = lambda v: v  # sum over ranks
+    any_rank: Callable[[bool], bool] = lambda flag: flag  # true when any rank says so
+    on_log: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    on_sample: Callable[[int], None] = lambda step: None
+    on_checkpoint: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    on_abort: Callable[[int, float], None] = lambda step, loss: None
+    fail_at_step: int | None = None  # fault injection (train.fail_at_step), armed by the caller
+    world: int = 1
+    peak_flops: float | None = None
+    extra_metrics: Callable[[], dict[str, float]] = lambda: {}
+
+
+def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
+              t: TrainConfig, hooks: LoopHooks | None = None) -> str:
+    """Optimizer steps until t.steps: LR by step, backward, step, EMA, logs, samples, checkpoints.
+
+    Returns "done", or "aborted" when any rank saw a non-finite loss (every rank stops at the
+    same step: one scalar all-reduce per optimizer step). The last checkpoint (at t.steps) is
+    the caller's.
+    """
+    hooks = hooks or LoopHooks()
+    model = engine.module
+    flops = model.flops_per_sample()
+    window, last, bad_loss = MetricsWindow(), {}, False
+    while state.step < t.steps:
+        it = iter(epoch_batches(state.epoch))
+        while state.step < t.steps:
+            t_wait = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                break
+            window.wait_s += time.perf_counter() - t_wait
+            engine.set_lr(lr_at(state.step, t))
+            loss = engine(batch, generator=state.generator)["loss"]
+            engine.backward(loss)
+            loss_value = float(loss.detach())
+            bad_loss |= not math.isfinite(loss_value)
+            window.loss += loss_value
+            window.micro_steps += 1
+            if not engine.step():
+                continue
+            state.step += 1
+            window.steps += 1
+            if hooks.any_rank(bad_loss):
+                hooks.on_abort(state.step, loss_value)
+                return "aborted"
+            if state.ema is not None:
+                with engine.full_params():
+                    state.ema.update(model)
+            if hooks.fail_at_step is not None and state.step >= hooks.fail_at_step:
+                raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
+            step = state.step
+            if step % t.log_every == 0 or step == t.steps:
+                last = window.close(reduce=hooks.reduce, samples_per_step=t.global_batch, world=hooks.world,
+                                    flops_per_sample=flops, peak_flops=hooks.peak_flops)
+                last["train/lr"] = lr_at(step - 1, t)
+                norm = engine.grad_norm()
+                if norm is not None and math.isfinite(norm):
+                    last["train/grad_norm"] = norm
+                last.update(hooks.extra_metrics())
+                hooks.on_log(step, last)
+                window = MetricsWindow()
+            if t.sample_every and step % t.sample_every == 0 and step < t.steps:
+                hooks.on_sample(step)
+            if step % t.checkpoint_every == 0 and step < t.steps:
+                hooks.on_checkpoint(step, {k: v for k, v in last.items() if k == "train/loss"})
+        state.epoch += 1
+    hooks.on_checkpoint(state.step, {k: v for k, v in last.items() if k == "train/loss"})
+    return "done"
+
+
+# --------------------------------------------------------------------------------------
+# Batches: the declared data column, checked on the worker before the model sees it
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class BatchChecker:
+    """Turns a Ray Data batch into the model's batch and refuses bad values, naming shard and row."""
+
+    column: shards.Column
+    data_dir: str
+    manifest: dict[str, Any]
+
+    @classmethod
+    def of(cls, column: dict[str, Any], data_dir: str, manifest: dict[str, Any]) -> "BatchChecker":
+        return cls(shards.Column.from_json(column["name"], column), data_dir, manifest)
+
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+        c = self.column
+        values = batch[c.name]  # (B, prod(shape)) on the CPU
+        if c.kind == "ids":
+            bad = (values < 0) | (values >= c.vocab_size)
+        else:
+            bad = ~torch.isfinite(values)
+        if bool(bad.any()):
+            self._refuse(batch, bad)
+        data = values if c.kind == "ids" else values.reshape(len(values), *c.shape)  # latents (B, L, D)
+        return {"tokens" if c.kind == "ids" else c.name: data.to(device, non_blocking=True),
+                "label": batch["label"].to(device, non_blocking=True)}
+
+    def _refuse(self, batch: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+        row = int(bad.any(dim=1).nonzero()[0])
+        index = int(batch["index"][row])
+        what = (f"token id {int(batch[self.column.name][row][bad[row]][0])} outside [0, {self.column.vocab_size})"
+                if self.column.kind == "ids" else "a non-finite latent value")
+        where = locate(self.data_dir, self.manifest, index)
+        raise DataError(f"{where} has {what}; the data set changed after it was written: "
+                        f"run `raygen data check {self.data_dir}`")
+
+
+def locate(data_dir: str, manifest: dict[str, Any], index: int) -> str:
+    """'<shard> row R (source row I)' for a source index (reads only the index columns)."""
+    import pyarrow.parquet as pq
+
+    for s in manifest["shards"]:
+        idx = pq.read_table(Path(data_dir) / s["file"], columns=["index"]).column("index").to_numpy()
+        rows = np.nonzero(idx == index)[0]
+        if len(rows):
+            return f"{Path(data_dir) / s['file']} row {int(rows[0])} (source row {index})"
+    return f"source row {index} of '{data_dir}'"
