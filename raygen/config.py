@@ -71,7 +71,7 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = option("ar", help="model family: ar, arpg, nar, ctf, emigm, d2it (those registered)")
+    family: str = option("ar", help=f"model family, one of the registered plugins: {', '.join(sorted(families.FAMILIES))}")
     size: str = option("debug", help="a size of the family (debug or the paper's names, case-insensitive)")
     arch: dict[str, Any] = option(
         help="overrides of the family's architecture config, e.g. model.arch.dim=256 (vocab, grid and classes come from the data)",
@@ -120,7 +120,9 @@ class SampleConfig:
     seed: int = option(0, help="sampling seed")
     batch_size: int = option(256, min=1, help="samples generated per forward batch")
     knobs: dict[str, Any] = option(
-        help="family-specific generate() options, e.g. sample.knobs.order=spiral-in (arpg), sample.knobs.cfg_interval=64 (nar)",
+        help="the family's sampling knobs, sample.knobs.KEY=VALUE (its plugin's typed knobs: "
+        + "; ".join(f"{f.name}: {', '.join(fl.name for fl in dataclasses.fields(f.knobs))}"
+                    for f in families.all_families() if dataclasses.fields(f.knobs)) + ")",
         factory=dict,
     )
 

@@ -141,7 +141,8 @@ def test_the_step_loop_trains_real_digits_without_ray():
                       on_checkpoint=lambda step, m: checkpoints.append(step))
     state = TrainState(torch.Generator().manual_seed(0))
     assert run_steps(eng, state, epoch_batches, t, hooks) == "done"
-    assert state.step == 60 and state.epoch == math.ceil(60 / (n // 64))  # epochs begun
+    per_epoch = n // 64
+    assert (state.step, state.epoch, state.batches) == (60, 60 // per_epoch, 60 % per_epoch)  # data position
     assert sorted(logs) == [10, 20, 30, 40, 50, 60] and checkpoints == [25, 50, 60]
     assert logs[60]["train/lr"] == pytest.approx(lr_at(59, t))
     assert {"perf/samples_per_s", "perf/data_wait_frac", "train/grad_norm"} <= set(logs[10])
@@ -160,3 +161,41 @@ def test_the_step_loop_stops_every_rank_on_a_non_finite_loss():
     t = TrainConfig(steps=50, lr=1e6, warmup_steps=0, grad_clip=0.0, log_every=100, checkpoint_every=100)
     assert run_steps(eng, state, epoch_batches, t, hooks) == "aborted"
     assert len(aborted) == 1 and aborted[0][0] == state.step < 50 and not math.isfinite(aborted[0][1])
+
+
+def test_a_restored_loop_ends_where_the_uninterrupted_one_does(tmp_path):
+    """Exact resume without Ray: checkpoint mid-epoch (engine, data position, RNGs), rebuild, continue."""
+    from raygen.platform.loop import LoopHooks, TrainState, run_steps
+
+    epoch_batches, n = _digits_epochs(256)  # 5 batches per epoch: step 7 is batch 2 of epoch 1
+    t = TrainConfig(steps=12, lr=2e-3, warmup_steps=2, log_every=100, checkpoint_every=7, global_batch=256)
+
+    def run(stop_after_checkpoint: bool, state: TrainState, eng):
+        saved = {}
+
+        def on_checkpoint(step, metrics):
+            if step == 7:
+                eng.save(tmp_path / "ckpt", state.client_state())
+                saved.update(rng=state.rng_state())
+                if stop_after_checkpoint:
+                    raise KeyboardInterrupt  # the worker dies right after its checkpoint
+
+        try:
+            run_steps(eng, state, epoch_batches, t, LoopHooks(on_checkpoint=on_checkpoint))
+        except KeyboardInterrupt:
+            pass
+        return saved
+
+    whole = _digits_engine()
+    run(False, TrainState(torch.Generator().manual_seed(1)), whole)
+    first = _digits_engine()
+    saved = run(True, TrainState(torch.Generator().manual_seed(1)), first)
+    torch.manual_seed(123)  # a restarted process starts from other random state
+    again = _digits_engine()
+    again.module.load_state_dict(first.module.state_dict())  # anything: the checkpoint overwrites it
+    state = TrainState(torch.Generator().manual_seed(99))
+    state.restore(again.load(tmp_path / "ckpt"), saved["rng"])
+    assert (state.step, state.epoch, state.batches) == (7, 1, 2)
+    run(False, state, again)
+    for (name, a), b in zip(whole.module.state_dict().items(), again.module.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), name

@@ -62,21 +62,35 @@ class EMA:
 
 @dataclass
 class TrainState:
-    """What a checkpoint must bring back: the step, the epoch, the loop's RNG, the EMA."""
+    """What a checkpoint must bring back to continue exactly: the step, the data position (epoch and
+    micro-batches consumed in it), the loop's RNG, torch's global RNG (dropout) and the EMA."""
 
     generator: torch.Generator
     step: int = 0
     epoch: int = 0
+    batches: int = 0  # micro-batches of `epoch` consumed on this rank
     ema: EMA | None = None
 
     def client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "ema": self.ema.state_dict() if self.ema else None}
+        return {"step": self.step, "epoch": self.epoch, "batches": self.batches,
+                "ema": self.ema.state_dict() if self.ema else None}
 
-    def restore(self, client_state: dict[str, Any], rng_state: torch.Tensor | None) -> None:
-        """Continue after a saved step: the saved epoch ended or was cut, the next one starts."""
-        self.step, self.epoch = int(client_state["step"]), int(client_state["epoch"]) + 1
-        if rng_state is not None:
-            self.generator.set_state(rng_state)
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's random state (saved per rank beside the engine's checkpoint)."""
+        return {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+
+    def restore(self, client_state: dict[str, Any], rng: dict[str, torch.Tensor] | None) -> None:
+        """Continue at the saved data position. Checkpoints older than the data position
+        (no "batches") continue with the next epoch, as they did."""
+        self.step = int(client_state["step"])
+        if "batches" in client_state:
+            self.epoch, self.batches = int(client_state["epoch"]), int(client_state["batches"])
+        else:
+            self.epoch, self.batches = int(client_state["epoch"]) + 1, 0
+        if rng is not None:
+            self.generator.set_state(rng["generator"])
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
         if self.ema is not None and client_state.get("ema") is not None:
             self.ema.load_state_dict(client_state["ema"])
 
@@ -125,8 +139,9 @@ def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable
     """Optimizer steps until t.steps: LR by step, backward, step, EMA, logs, samples, checkpoints.
 
     Returns "done", or "aborted" when any rank saw a non-finite loss (every rank stops at the
-    same step: one scalar all-reduce per optimizer step). The last checkpoint (at t.steps) is
-    the caller's.
+    same step: one scalar all-reduce per optimizer step). A restored state continues its epoch
+    after the micro-batches it had consumed (`epoch_batches(epoch)` must yield the same batches
+    for the same epoch: that makes a resumed run end where an uninterrupted one does).
     """
     hooks = hooks or LoopHooks()
     model = engine.module
@@ -134,12 +149,16 @@ def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable
     window, last, bad_loss = MetricsWindow(), {}, False
     while state.step < t.steps:
         it = iter(epoch_batches(state.epoch))
+        for _ in range(state.batches):  # what this epoch had given before the checkpoint
+            next(it)
         while state.step < t.steps:
             t_wait = time.perf_counter()
             batch = next(it, None)
-            if batch is None:
+            if batch is None:  # the epoch is over: the next one starts from its first batch
+                state.epoch, state.batches = state.epoch + 1, 0
                 break
             window.wait_s += time.perf_counter() - t_wait
+            state.batches += 1
             engine.set_lr(lr_at(state.step, t))
             loss = engine(batch, generator=state.generator)["loss"]
             engine.backward(loss)
@@ -174,7 +193,6 @@ def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable
                 hooks.on_sample(step)
             if step % t.checkpoint_every == 0 and step < t.steps:
                 hooks.on_checkpoint(step, {k: v for k, v in last.items() if k == "train/loss"})
-        state.epoch += 1
     hooks.on_checkpoint(state.step, {k: v for k, v in last.items() if k == "train/loss"})
     return "done"
 

@@ -185,6 +185,18 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
     return t.tolist()
 
 
+@dataclass
+class WorkerSetup:
+    """What the driver hands every worker, typed (Ray pickles it)."""
+
+    cfg: Config
+    plan: TrainPlan
+    run_id: str
+    tracking_uri: str
+    export_meta: dict[str, Any]
+    report_log_steps: bool = False  # a listening callback (a sweep's) also gets every log step
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: assemble the parts (model, engine, state, batches, hooks) and run the loop."""
     import importlib
@@ -197,36 +209,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from raygen.platform.tracking import MlflowTracker, NullTracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    cfg = Config.from_dict(config["cfg"])
-    plan = config["plan"]
+    setup: WorkerSetup = config["setup"]
+    cfg, plan = setup.cfg, setup.plan
     t = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(round(plan["cpus_per_worker"]))))
+    torch.set_num_threads(max(1, int(round(plan.cpus_per_worker))))
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)  # nn.Dropout; explicit generators drive the rest
 
-    importlib.import_module(plan["family_module"])  # a plugin from outside raygen registers itself
-    family = families.get(plan["family"])
-    model = family.build(cfg.model.size, plan["arch"], plan["prepared"]["payload"]).to(device)
+    importlib.import_module(plan.family_module)  # a plugin from outside raygen registers itself
+    family = families.get(plan.family)
+    model = family.build(cfg.model.size, plan.arch, plan.prepared["payload"]).to(device)
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
-    engine = DeepSpeedEngine(model, optimizer, plan["ds_config"])
+    engine = DeepSpeedEngine(model, optimizer, plan.ds_config)
     state = TrainState(torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank))
     if t.ema:
         with engine.full_params():  # under ZeRO-3 each rank holds only a partition otherwise
             state.ema = EMA(engine.module, t.ema)
-    checkpointer = Checkpointer(engine, state, rank, config["export_meta"])
+    checkpointer = Checkpointer(engine, state, rank, setup.export_meta)
     restored = checkpointer.restore(ray.train.get_checkpoint())
 
-    tracker = MlflowTracker(config["tracking_uri"], config["run_id"]) if rank == 0 else NullTracker()
+    tracker = MlflowTracker(setup.tracking_uri, setup.run_id) if rank == 0 else NullTracker()
     shard = ray.train.get_dataset_shard("train")
-    check = BatchChecker.of(plan["column"], plan["data_dir"], plan["manifest"])
+    check = BatchChecker.of(plan.column, plan.data_dir, plan.manifest)
 
     def epoch_batches(epoch: int):
         batches = shard.iter_torch_batches(
-            batch_size=plan["micro_batch"], drop_last=True,
-            dtypes={plan["column"]["name"]: torch.long if plan["column"]["kind"] == "ids" else torch.float32,
+            batch_size=plan.micro_batch, drop_last=True,
+            dtypes={plan.column["name"]: torch.long if plan.column["kind"] == "ids" else torch.float32,
                     "label": torch.long, "index": torch.long},
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
@@ -236,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(metrics, step)
-        if config.get("report_log_steps") and step < t.steps and step % t.checkpoint_every:
+        if setup.report_log_steps and step < t.steps and step % t.checkpoint_every:
             # Every rank reports the log step (metrics only, rank 0's kept) when a callback listens
             # (a sweep's TuneReportCallback: what ASHA decides on); checkpoint steps report with theirs.
             ray.train.report({**metrics, "step": step})
@@ -249,10 +261,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks = LoopHooks(
         reduce=lambda v: _all_reduce(v, device), any_rank=lambda flag: _all_reduce([float(flag)], device, "max")[0] > 0,
         on_log=on_log, on_abort=on_abort,
-        on_sample=lambda step: _log_samples(cfg, config, engine, device, step, tracker, rank),
+        on_sample=lambda step: _log_samples(cfg, setup.export_meta, engine, device, step, tracker, rank),
         on_checkpoint=lambda step, metrics: checkpointer.save(step == t.steps, metrics),
         fail_at_step=t.fail_at_step if not restored and rank == world - 1 else None, world=world,
-        peak_flops=_peak_flops(device, plan["precision"]), extra_metrics=lambda: {"mem/peak_gb": _peak_mem_gb(device)},
+        peak_flops=_peak_flops(device, plan.precision), extra_metrics=lambda: {"mem/peak_gb": _peak_mem_gb(device)},
     )
     run_steps(engine, state, epoch_batches, t, hooks)
 
@@ -273,7 +285,7 @@ class Checkpointer:
         with checkpoint.as_directory() as d:
             client_state = self.engine.load(d)
             rng_file = Path(d) / "rng" / f"rank{self.rank}.pt"
-            rng = torch.load(rng_file, weights_only=True)["generator"] if rng_file.is_file() else None
+            rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
             self.state.restore(client_state, rng)
             if dist.is_initialized():
                 dist.barrier()  # nobody leaves (and deletes) the directory while others read it
@@ -289,7 +301,7 @@ class Checkpointer:
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save(tmp, state.client_state())
             (Path(tmp) / "rng").mkdir()
-            torch.save({"generator": state.generator.get_state()}, Path(tmp) / "rng" / f"rank{self.rank}.pt")
+            torch.save(state.rng_state(), Path(tmp) / "rng" / f"rank{self.rank}.pt")
             if final:
                 weights = self.engine.fp32_state_dict()  # collective
                 if state.ema is not None:
@@ -300,12 +312,11 @@ class Checkpointer:
                              checkpoint_dir_name=f"step_{state.step:08d}")
 
 
-def _log_samples(cfg: Config, config: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
+def _log_samples(cfg: Config, meta: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
     """A fixed-seed grid from the live weights; every rank generates (ZeRO-3 gathers collectively)."""
     from raygen.config import parse_labels
     from raygen.platform.sampling import decode, generate, grid_image
 
-    meta = config["export_meta"]
     if not families.get(meta["family"]).can_sample(meta):
         return
     sample = dataclasses.replace(cfg.sample, per_label=min(cfg.sample.per_label, 4))
@@ -369,7 +380,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     every log step is also reported to Ray Train (metrics only), not just the checkpoints.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raygen.platform import tracking
@@ -409,11 +420,14 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     if n_bytes < MATERIALIZE_BELOW_BYTES:
         # Small data sets live in the object store once instead of being re-read every epoch.
         ds = ds.materialize()
-    ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(cfg.seed, reseed_after_execution=True))
+    # One seeded block order for every epoch, and no locality preference in the split: each rank
+    # then reads the same rows in the same order in every execution (a restart included), and
+    # its per-epoch seeded local shuffle makes the epochs differ. That is what exact resume needs.
+    ds = ds.randomize_block_order(seed=cfg.seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_id": run_id, "tracking_uri": uri,
-                           "export_meta": export_meta(cfg, plan, run_id), "report_log_steps": bool(callbacks)},
+        train_loop_config={"setup": WorkerSetup(cfg, plan, run_id, uri, export_meta(cfg, plan, run_id),
+                                                report_log_steps=bool(callbacks))},
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=900),
@@ -424,6 +438,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
             callbacks=list(callbacks) or None,
         ),
         datasets={"train": ds},
+        dataset_config=DataConfig(enable_shard_locality=False),
     )
     try:
         result = trainer.fit()
