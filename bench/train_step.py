@@ -90,7 +90,7 @@ def bench_deepspeed(args, device) -> dict:
         os.environ.setdefault(k, v)
     import deepspeed
 
-    from raygen.platform.engine import DeepSpeedEngine, build_ds_config
+    from raygen.platform.train.engine import DeepSpeedEngine, build_ds_config
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     _reset_peak(device)
@@ -112,8 +112,8 @@ def bench_ray(args) -> dict:
     from mlflow.tracking import MlflowClient
 
     from raygen.config import load_config
-    from raygen.platform.tokenize import tokenize
-    from raygen.platform.train import train
+    from raygen.platform.data.tokenize import tokenize
+    from raygen.platform.train.driver import train
 
     work = Path(tempfile.mkdtemp(prefix="raygen-bench-"))
     arch = json.loads(args.arch)

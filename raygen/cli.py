@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         args.overrides = list(args.overrides or []) + overrides
     if not debug:
-        from raygen.platform.cluster import quiet_worker_errors
+        from raygen.platform.cluster.connect import quiet_worker_errors
 
         quiet_worker_errors()
     try:

@@ -20,7 +20,7 @@ def ray_local():
     import ray
 
     from raygen.config import RayConfig
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     init_ray(RayConfig(num_cpus=2))
     yield ray
@@ -32,7 +32,7 @@ def digits8(ray_local, tmp_path_factory):
     """The demo's data set (8x8 digits, 16 grey levels), tokenized once for every e2e test that
     only reads it."""
     from raygen.config import load_config
-    from raygen.platform.tokenize import tokenize
+    from raygen.platform.data.tokenize import tokenize
 
     root = tmp_path_factory.mktemp("digits8")
     cfg = load_config("demo", [f"workdir={root}", f"data.shards={root / 'digits8'}"])

@@ -9,8 +9,8 @@ import torch
 
 from raygen.config import TrainConfig, load_config
 from raygen.errors import ConfigError
-from raygen.platform.engine import TorchEngine, batch_split, build_ds_config, resolve_zero_stage
-from raygen.platform.loop import EMA, lr_at
+from raygen.platform.train.engine import TorchEngine, batch_split, build_ds_config, resolve_zero_stage
+from raygen.platform.train.loop import EMA, lr_at
 
 
 def test_batch_split():
@@ -104,7 +104,7 @@ def test_train_config_knobs_validate():
 def _digits_epochs(batch: int, seed: int = 0):
     """Real digits (8x8, 16-level palette) as one shuffled pass per epoch, in memory."""
     from raygen.models.tokenizers import PaletteConfig, PaletteTokenizer
-    from raygen.platform.digits import digits_split
+    from raygen.platform.evaluate.digits import digits_split
 
     data = digits_split()
     images = torch.from_numpy(data["train_x"])  # (N, 8, 8, 1) uint8
@@ -131,7 +131,7 @@ def _digits_engine(lr: float = 2e-3):
 
 def test_the_step_loop_trains_real_digits_without_ray():
     """The workers' own loop (run_steps) on the plain-torch engine: loss falls, hooks fire on time."""
-    from raygen.platform.loop import LoopHooks, TrainState, run_steps
+    from raygen.platform.train.loop import LoopHooks, TrainState, run_steps
 
     epoch_batches, n = _digits_epochs(64)
     eng = _digits_engine()
@@ -151,7 +151,7 @@ def test_the_step_loop_trains_real_digits_without_ray():
 
 
 def test_the_step_loop_stops_every_rank_on_a_non_finite_loss():
-    from raygen.platform.loop import LoopHooks, TrainState, run_steps
+    from raygen.platform.train.loop import LoopHooks, TrainState, run_steps
 
     epoch_batches, _ = _digits_epochs(64)
     eng = _digits_engine(lr=1e6)  # diverges
@@ -165,7 +165,7 @@ def test_the_step_loop_stops_every_rank_on_a_non_finite_loss():
 
 def test_a_restored_loop_ends_where_the_uninterrupted_one_does(tmp_path):
     """Exact resume without Ray: checkpoint mid-epoch (engine, data position, RNGs), rebuild, continue."""
-    from raygen.platform.loop import LoopHooks, TrainState, run_steps
+    from raygen.platform.train.loop import LoopHooks, TrainState, run_steps
 
     epoch_batches, n = _digits_epochs(256)  # 5 batches per epoch: step 7 is batch 2 of epoch 1
     t = TrainConfig(steps=12, lr=2e-3, warmup_steps=2, log_every=100, checkpoint_every=7, global_batch=256)

@@ -20,7 +20,7 @@ def workdir(ray_local, tmp_path_factory):
 
     import torch
 
-    from raygen.platform import digits
+    from raygen.platform.evaluate import digits
 
     root = tmp_path_factory.mktemp("eval-e2e")
     clf, acc = digits.train_classifier(epochs=4)
@@ -35,7 +35,7 @@ def registered(workdir, digits8):
     """(run id, model URI) of a tiny AR trained through Ray Train and registered in MLflow."""
     from raygen.config import load_config
     from raygen.platform import tracking
-    from raygen.platform.train import train
+    from raygen.platform.train.driver import train
 
     cfg = load_config("demo", [f"workdir={workdir}", "tracking.run_name=eval-tiny", *TINY])
     r = train(cfg, data_dir=str(digits8))
@@ -82,7 +82,7 @@ def test_eval_logs_eval_metrics_to_the_models_run(workdir, digits8, registered, 
 def test_eval_refuses_what_it_cannot_compare(workdir, registered, run_cli, tmp_path):
     import numpy as np
 
-    from raygen.platform.metrics import DIGITS, Reference
+    from raygen.platform.evaluate.metrics import DIGITS, Reference
 
     _, uri = registered
     ref = Reference(16, 1, {"name": "digits"})
@@ -103,8 +103,8 @@ def test_eval_with_inception_weights_and_a_reference_logs_fid_is_precision_recal
     import torch
 
     from raygen.models.inception import FIDInceptionV3
-    from raygen.platform import metrics as M
-    from raygen.platform.digits import digits_split
+    from raygen.platform.evaluate import metrics as M
+    from raygen.platform.evaluate.digits import digits_split
 
     run_id, uri = registered
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from raygen.config import SampleConfig, load_config
-from raygen.platform import shards
-from raygen.platform.sampling import load_export, sample_grid
+from raygen.platform.data import shards
+from raygen.platform.evaluate.sampling import load_export, sample_grid
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy"
 
@@ -49,7 +49,7 @@ def test_an_old_ctf_stage_2_export_loads_but_does_not_sample_alone():
 
 
 def test_an_old_data_set_still_plans_training(tmp_path):
-    from raygen.platform.train import plan_training
+    from raygen.platform.train.driver import plan_training
 
     cfg = load_config(None, ["model.family=ar", "model.arch.dim=32", "model.arch.n_layer=1", "model.arch.n_head=2",
                              "train.workers=1", "train.global_batch=8", f"workdir={tmp_path}"])

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from raygen.errors import UserError
-from raygen.platform import metrics as M
+from raygen.platform.evaluate import metrics as M
 
 
 def fid_scipy(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,7 +54,7 @@ def test_frechet_distance_matches_scipy_sqrtm_on_fixed_feature_sets():
 
 def test_fd_digits_matches_scipy_on_fixed_image_sets(digits_clf):
     """Two fixed image sets (the real digits' test and train splits) through the digits features."""
-    from raygen.platform.digits import digits_features, digits_split
+    from raygen.platform.evaluate.digits import digits_features, digits_split
 
     d = digits_split()
     fa, _ = digits_features(digits_clf, torch.from_numpy(d["test_x"]))
@@ -111,7 +111,7 @@ def test_precision_recall_sanity():
 @pytest.fixture(scope="module")
 def digits_clf():
     """The held-out digits classifier, trained for 4 of its 12 epochs (seconds instead of a minute)."""
-    from raygen.platform.digits import train_classifier
+    from raygen.platform.evaluate.digits import train_classifier
 
     clf, acc = train_classifier(epochs=4)
     assert acc > 0.9
@@ -119,7 +119,7 @@ def digits_clf():
 
 
 def test_fd_digits_separates_real_digits_from_noise(digits_clf):
-    from raygen.platform.digits import digits_features, digits_split
+    from raygen.platform.evaluate.digits import digits_features, digits_split
 
     d = digits_split()
     real_ref = M.feature_stats(digits_features(digits_clf, torch.from_numpy(d["train_x"]))[0])
@@ -135,7 +135,7 @@ def test_fd_digits_separates_real_digits_from_noise(digits_clf):
 
 def test_digits_features_are_the_classifiers_penultimate_layer(digits_clf):
     from raygen.models.classifier import to_input
-    from raygen.platform.digits import class_accuracy, digits_features, digits_split
+    from raygen.platform.evaluate.digits import class_accuracy, digits_features, digits_split
 
     d = digits_split()
     images, labels = torch.from_numpy(d["test_x"][:50]), torch.from_numpy(d["test_y"][:50])
@@ -274,7 +274,7 @@ def test_reference_round_trip_and_refusals(tmp_path):
 
 
 def test_mfu_is_logged_only_with_a_known_gpu_peak(monkeypatch):
-    from raygen.platform.train import _peak_flops
+    from raygen.platform.train.driver import _peak_flops
 
     assert _peak_flops(torch.device("cpu"), "fp32") is None  # CPU: no perf/mfu
     # No GPU here: the name lookup is exercised with the names CUDA reports for these cards.

@@ -15,9 +15,9 @@ import torch
 
 from raygen.errors import DataError
 from raygen.models.tokenizers import PaletteConfig, PaletteTokenizer, PixelsCodec, PixelsConfig, from_spec
-from raygen.platform import shards
-from raygen.platform.digits import digits_split
-from raygen.platform.tokenize import column_of
+from raygen.platform.data import shards
+from raygen.platform.evaluate.digits import digits_split
+from raygen.platform.data.tokenize import column_of
 
 
 def make_dataset(out: Path, codec: str = "palette", rows: int = 100, rows_per_shard: int = 40) -> Path:
@@ -109,7 +109,7 @@ def test_data_check_rebuilds_the_codec_and_compares_its_fingerprint(tmp_path):
 def test_training_plan_verifies_checksums(tmp_path):
     from raygen.config import load_config
     from raygen.errors import UserError
-    from raygen.platform.train import plan_training
+    from raygen.platform.train.driver import plan_training
 
     root = make_dataset(tmp_path / "ids")
     table = pq.read_table(root / "shard-00001.parquet")
@@ -121,7 +121,7 @@ def test_training_plan_verifies_checksums(tmp_path):
 
 
 def test_a_bad_batch_is_refused_on_the_worker_naming_shard_and_row(tmp_path):
-    from raygen.platform.loop import BatchChecker
+    from raygen.platform.train.loop import BatchChecker
 
     root = make_dataset(tmp_path / "ids")
     manifest = shards.read_manifest(root)
@@ -140,7 +140,7 @@ def test_a_bad_batch_is_refused_on_the_worker_naming_shard_and_row(tmp_path):
 
 
 def test_a_latent_batch_is_reshaped_and_non_finite_values_refused(tmp_path):
-    from raygen.platform.loop import BatchChecker
+    from raygen.platform.train.loop import BatchChecker
 
     root = make_dataset(tmp_path / "px", codec="pixels")
     manifest = shards.read_manifest(root)

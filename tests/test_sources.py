@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raygen.errors import DataError
-from raygen.platform.sources import ImageDecoder, open_source
+from raygen.platform.data.sources import ImageDecoder, open_source
 
 from conftest import write_image_folder, write_image_parquet
 

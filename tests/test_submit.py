@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from raygen.errors import UserError
-from raygen.platform import submission as sm
+from raygen.platform.cluster import submission as sm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_plan_ships_the_project_and_runs_raygen_cli(tmp_path):
     for path in (".venv/bin/python", "work/mlflow.db", ".git/HEAD", "raygen/__pycache__/cli.cpython-311.pyc",
                  "raygen.egg-info/PKG-INFO", ".whl/torch.whl", "x/model.pt", "data/shard-00000.parquet"):
         assert spec.match_file(path), path
-    for path in ("raygen/cli.py", "raygen/configs/demo.yaml", "pyproject.toml", "raygen/platform/train.py"):
+    for path in ("raygen/cli.py", "raygen/configs/demo.yaml", "pyproject.toml", "raygen/platform/train/driver.py"):
         assert not spec.match_file(path), path
 
 

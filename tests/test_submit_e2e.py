@@ -158,14 +158,14 @@ def test_tokenize_and_train_jobs_succeed_and_the_run_is_in_mlflow(cluster, workd
     assert (workdir / "checkpoints" / f"raygen-{run_id}" / "step_00000004").is_dir()
 
     # The job's driver joined this cluster (RAY_ADDRESS from Ray Jobs) instead of starting its own Ray.
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     details = sm.info(sm.connect(cluster), JOBS["train"])
     assert details.driver_info is not None and details.job_id
 
 
 def test_a_failed_job_shows_failed_with_its_error(cluster, failing_job):
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     sm.wait(sm.connect(cluster), failing_job, timeout_s=300)
     code, out, err = cli("jobs", "status", failing_job, "--address", cluster)

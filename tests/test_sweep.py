@@ -7,8 +7,8 @@ import yaml
 
 from raygen.config import load_config
 from raygen.errors import ConfigError, UserError
-from raygen.platform.sweep import TrialRow, format_table, plan_resources, plan_sweep
-from raygen.platform.sweep_spec import (
+from raygen.platform.sweep.driver import TrialRow, format_table, plan_resources, plan_sweep
+from raygen.platform.sweep.spec import (
     check_space,
     load_spec,
     one_at_a_time,

@@ -38,7 +38,7 @@ def test_digits_palette_writes_1797_rows(digits_dir):
 
 def test_tokens_decode_back_to_the_quantized_digits(digits_dir):
     from raygen.models.tokenizers import from_spec
-    from raygen.platform.sources import ImageDecoder, open_source
+    from raygen.platform.data.sources import ImageDecoder, open_source
 
     import torch
 

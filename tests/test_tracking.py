@@ -11,7 +11,7 @@ from raygen.config import SampleConfig
 from raygen.errors import UserError
 from raygen.models.registry import build_model
 from raygen.platform import tracking
-from raygen.platform.sampling import load_export, sample_grid, write_export
+from raygen.platform.evaluate.sampling import load_export, sample_grid, write_export
 
 
 def _export(tmp_path, run_id="local"):
@@ -96,12 +96,12 @@ def test_unknown_names_and_aliases_list_what_exists(store, tmp_path):
 
 
 def test_a_sweeps_alias_brings_its_sampling_knobs(store, tmp_path):
-    from raygen.platform.evaluate import resolve_target
+    from raygen.platform.evaluate.scoring import resolve_target
 
     uri, run_id = _registered(store, tmp_path)
     tracking.set_alias(uri, "digits-ar", "best-fid", 1)
     tracking.set_alias(uri, "digits-ar", "best", 1)
-    # what a sample sweep tags (raygen.platform.sweep._register); other aliases' tags stay theirs
+    # what a sample sweep tags (raygen.platform.sweep.driver._register); other aliases' tags stay theirs
     tracking.set_version_tags(uri, "digits-ar", 1, {
         "raygen.sweep": "s", "raygen.sweep.best-fid.trial_run": "r", "raygen.sweep.best-fid.sample.cfg_scale": 3.0,
         "raygen.sweep.best-fid.sample.steps": 16, "raygen.sweep.best-fid.sample.knobs.fine_temperature": 0.9,
@@ -164,7 +164,7 @@ def test_unknown_sampling_knob_is_refused(tmp_path):
 def test_edit_keeps_known_tokens_and_ar_refuses(tmp_path):
     from PIL import Image
 
-    from raygen.platform.sampling import edit_grid, load_edit_inputs
+    from raygen.platform.evaluate.sampling import edit_grid, load_edit_inputs
 
     export, _ = _export(tmp_path)
     model, meta = load_export(export)

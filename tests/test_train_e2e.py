@@ -156,7 +156,7 @@ def test_family_trains_through_ray_and_deepspeed(family, workdir, digits8, run_c
     # zero-shot editing from the same weights: regenerate the right half of a real digit as a 7
     from PIL import Image
 
-    from raygen.platform.digits import digits_split
+    from raygen.platform.evaluate.digits import digits_split
 
     digit = tmp_path / "digit.png"
     Image.fromarray(digits_split()["test_x"][0][..., 0], "L").save(digit)
@@ -233,7 +233,7 @@ def test_ctf_stages_train_and_one_registry_entry_samples_both(workdir, digits8, 
     code, out, err = run_cli("sample", "models:/ctf-tiny@champion", f"workdir={workdir}", "--labels", "0-3",
                              "--per-label", "2", "--out", str(png), "sample.knobs.fine_temperature=0.5")
     assert code == 0 and png.is_file() and "8 samples" in out, err
-    from raygen.platform.sampling import load_export
+    from raygen.platform.evaluate.sampling import load_export
     from raygen.platform.tracking import resolve_model
 
     export, _ = resolve_model(_uri(workdir), "models:/ctf-tiny@champion")

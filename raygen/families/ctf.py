@@ -187,8 +187,8 @@ def make_pair(uri: str, stage1_run: str, stage2_run: str, *, workdir: str) -> tu
 
     from raygen.config import load_config
     from raygen.platform import tracking
-    from raygen.platform.sampling import load_export, read_export_meta, write_export_meta
-    from raygen.platform.train import finish_with_samples
+    from raygen.platform.evaluate.sampling import load_export, read_export_meta, write_export_meta
+    from raygen.platform.train.driver import finish_with_samples
 
     metas, dirs = [], []
     for want, run_id in ((1, stage1_run), (2, stage2_run)):
@@ -271,7 +271,7 @@ class CTF(Family):
     def load(self, directory: Path, meta: dict[str, Any], device):
         if meta.get("kind") != PAIR_KIND:
             return super().load(directory, meta, device)
-        from raygen.platform.sampling import read_export_meta
+        from raygen.platform.evaluate.sampling import read_export_meta
 
         stages = [super(CTF, self).load(Path(directory) / d, read_export_meta(Path(directory) / d), device)
                   for d in ("stage1", "stage2")]
@@ -306,8 +306,8 @@ class CTF(Family):
 def run_cluster(args: argparse.Namespace) -> int:
     """`raygen cluster`: k-means over a data set's codebook -> a fine->coarse lookup file."""
     from raygen.jobs.common import print_dry_run, resolve
-    from raygen.platform import shards
-    from raygen.platform.tokenize import data_dir_of
+    from raygen.platform.data import shards
+    from raygen.platform.data.tokenize import data_dir_of
 
     cfg = resolve(args, **{"data.shards": args.data, "ctf.clusters": args.clusters, "ctf.seed": args.seed})
     data_dir = data_dir_of(cfg)

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from raygen.config import describe_keys, preset_names
 
     if args.presets:
-        from raygen.platform.sweep_spec import spec_names
+        from raygen.platform.sweep.spec import spec_names
 
         print("\n".join(preset_names()))
         print("# sweep specs (raygen sweep NAME), in raygen/configs/sweeps/:")

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from raygen.platform.shards import check_dataset, format_report
+    from raygen.platform.data.shards import check_dataset, format_report
 
     report = check_dataset(args.dir)
     print(format_report(args.dir, report))

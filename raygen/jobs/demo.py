@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raygen.platform import tracking
-    from raygen.platform.tokenize import tokenize
-    from raygen.platform.train import train
+    from raygen.platform.data.tokenize import tokenize
+    from raygen.platform.train.driver import train
 
     args.preset = args.preset or "demo"
     cfg = resolve(args)

@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from raygen.config import load_config
     from raygen.errors import UserError
-    from raygen.platform import evaluate
+    from raygen.platform.evaluate import scoring as evaluate
 
     if args.model and re.match(r"^[A-Za-z_][\w.]*=", args.model):  # a key=value override, not a model
         args.overrides = [args.model, *(args.overrides or [])]

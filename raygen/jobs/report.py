@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raygen.platform.evaluate import report
+    from raygen.platform.evaluate.scoring import report
 
     r = report(args.run, workdir=args.workdir, tracking_uri=args.tracking_uri, measure=not args.no_sampling)
     print(r["text"], end="")

@@ -34,8 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     from raygen.errors import UserError
     from raygen.platform import tracking
-    from raygen.platform.evaluate import resolve_target
-    from raygen.platform.sampling import edit_grid, is_digits, load_edit_inputs, load_export, sample_grid
+    from raygen.platform.evaluate.scoring import resolve_target
+    from raygen.platform.evaluate.sampling import edit_grid, is_digits, load_edit_inputs, load_export, sample_grid
 
     flags = {"sample.labels": args.labels, "sample.per_label": args.per_label, "sample.cfg_scale": args.cfg,
              "sample.temperature": args.temperature, "sample.top_k": args.top_k, "sample.top_p": args.top_p,
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and is_digits(meta):
         from pathlib import Path
 
-        from raygen.platform.digits import class_accuracy, load_classifier
+        from raygen.platform.evaluate.digits import class_accuracy, load_classifier
 
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")
         acc = class_accuracy(clf, s["images"], s["labels"])

@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 def run_submit(args: argparse.Namespace) -> int:
     from raygen.errors import UserError
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     command = args.command[1:] if args.command[:1] == ["--"] else list(args.command)
     if not command:
@@ -72,7 +72,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def _report_end(job_id: str, details) -> int:
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     status = sm.status_of(details)
     if status == "SUCCEEDED":
@@ -83,7 +83,7 @@ def _report_end(job_id: str, details) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     cluster = sm.connect(args.address)
     jobs = sm.list_jobs(cluster)
@@ -98,7 +98,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     d = sm.info(sm.connect(args.address), args.job_id)
     status = sm.status_of(d)
@@ -115,7 +115,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_logs(args: argparse.Namespace) -> int:
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     cluster = sm.connect(args.address)
     if args.follow:
@@ -126,7 +126,7 @@ def run_logs(args: argparse.Namespace) -> int:
 
 
 def run_stop(args: argparse.Namespace) -> int:
-    from raygen.platform import submission as sm
+    from raygen.platform.cluster import submission as sm
 
     d = sm.stop(sm.connect(args.address), args.job_id)
     print(f"{args.job_id}: {sm.status_of(d)}")

@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from raygen.config import load_config
-    from raygen.platform import sweep
-    from raygen.platform.sweep_spec import load_spec
+    from raygen.platform.sweep import driver as sweep
+    from raygen.platform.sweep.spec import load_spec
 
     spec = load_spec(args.spec)
     kw = dict(data=args.data, model=args.model, tracking_uri=args.tracking_uri)
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     import ray
 
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     init_ray(ray_cfg)  # sized for the cluster's free resources
     free = ray.available_resources()

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raygen.platform.tokenize import plan, tokenize
+    from raygen.platform.data.tokenize import plan, tokenize
 
     cfg = resolve(args, **{"data.source": args.source, "data.path": args.path,
                            "tokenizer.name": args.tokenizer, "data.shards": args.out})
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.shards": p.out,
                             "source rows": p.source.rows})
         return 0
-    from raygen.platform.shards import data_column
+    from raygen.platform.data.shards import data_column
 
     r = tokenize(cfg, overwrite=args.overwrite)
     m = r.manifest

@@ -26,7 +26,7 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     if args.preset:
         raise UserError("--resume continues a run with its own config; give overrides (e.g. train.steps=2000), not --preset")
     from raygen.platform.tracking import tracking_uri
-    from raygen.platform.train import run_config_of
+    from raygen.platform.train.driver import run_config_of
 
     # Where the run lives may itself be an override (workdir, tracking.uri); the rest applies on top.
     where = load_config(None, [o for o in args.overrides if o.split("=")[0] in ("workdir", "tracking.uri")], **flags)
@@ -35,14 +35,14 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raygen.platform.tokenize import data_dir_of
+    from raygen.platform.data.tokenize import data_dir_of
 
     cfg = resolve_train_config(args)
     data_dir = data_dir_of(cfg)
     if args.dry_run:
         import torch
 
-        from raygen.platform.train import plan_training
+        from raygen.platform.train.driver import plan_training
 
         p = plan_training(cfg, cluster_cpus=float(os.cpu_count() or 1), cluster_gpus=float(torch.cuda.device_count()),
                           data_dir=data_dir)
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                             "cpus per worker": p.cpus_per_worker, "precision": p.precision, "zero stage": p.zero_stage,
                             "micro batch": p.micro_batch, "accumulation": p.accumulation, "ds_config": p.ds_config})
         return 0
-    from raygen.platform.train import train
+    from raygen.platform.train.driver import train
 
     r = train(cfg, data_dir=data_dir, resume_run=args.resume)
     m = r.metrics

@@ -340,7 +340,7 @@ def alias_knobs(uri: str, model: str) -> dict[str, Any]:
     """The sampling knobs a sample-time sweep tagged on the version behind models:/NAME@ALIAS.
 
     A sweep that ranks knobs on one model sets ALIAS on that model's version and tags it
-    `raygen.sweep.ALIAS.sample.*` (see `raygen.platform.sweep`); the alias then means "these
+    `raygen.sweep.ALIAS.sample.*` (see `raygen.platform.sweep.driver`); the alias then means "these
     weights at these knobs". {} for any other reference, or an alias no sweep set.
     """
     from raygen.config import parse_override
@@ -381,7 +381,7 @@ class LocalServer:
         import sys
         import time
 
-        from raygen.platform.cluster import free_port
+        from raygen.platform.cluster.connect import free_port
 
         self.store_uri = store_uri
         self.port = free_port()

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from raygen.config import Config, load_config, parse_labels
 from raygen.errors import ConfigError, UserError
 from raygen.options import path_keys
-from raygen.platform.sweep_spec import SweepSpec, check_space, one_at_a_time, trial_config
+from raygen.platform.sweep.spec import SweepSpec, check_space, one_at_a_time, trial_config
 
 DRIVER_CPUS = 0.1  # a train trial's own process; the Train controller asks for none, its workers for theirs
 WORKER_GROUP_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -167,11 +167,11 @@ def plan_sweep(spec: SweepSpec, overrides: list[str] | tuple[str, ...] = (), *, 
                          workers=t.workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu)
     base = load_config(None, [], base=base, **{"train.workers": res.workers, "train.cpus_per_worker": res.cpus_per_worker,
                                                "train.use_gpu": res.use_gpu})
-    from raygen.platform.tokenize import data_dir_of
+    from raygen.platform.data.tokenize import data_dir_of
 
     data_dir = str(Path(data_dir_of(base)).resolve())
     plan = SweepPlan(spec, base, tracking.tracking_uri(base.workdir, base.tracking.uri), res, data_dir)
-    from raygen.platform import shards
+    from raygen.platform.data import shards
 
     if not (Path(data_dir) / shards.MANIFEST).is_file():
         if data or spec.data or base.data.shards:
@@ -188,7 +188,7 @@ def check_train_trials(plan: SweepPlan) -> None:
     """Plan each candidate's training run (model vs data, batch vs rows, what the family prepares,
     e.g. lookups made and cached here once per cluster count) and check the metric is one these
     runs report."""
-    from raygen.platform.train import plan_training
+    from raygen.platform.train.driver import plan_training
 
     spec, res = plan.spec, plan.resources
     cpus = max(res.trial_cpus, (res.workers or 1) * (res.cpus_per_worker or 1))
@@ -231,9 +231,9 @@ def _asha_args(spec: SweepSpec, plan: SweepPlan) -> dict[str, Any] | None:
 
 def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri: str | None,
                  cpus: float, gpus: float) -> SweepPlan:
-    from raygen.platform import evaluate
-    from raygen.platform import metrics as M
-    from raygen.platform.sampling import check_knobs, is_digits
+    from raygen.platform.evaluate import scoring as evaluate
+    from raygen.platform.evaluate import metrics as M
+    from raygen.platform.evaluate.sampling import check_knobs, is_digits
 
     target = evaluate.resolve_target(model, overrides, {"tracking.uri": tracking_uri, "eval.n": spec.n})
     target.cfg = _absolute_paths(target.cfg)
@@ -357,7 +357,7 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from raygen.platform.train import TrainingAborted, train
+    from raygen.platform.train.driver import TrainingAborted, train
 
     os.environ["MLFLOW_TRACKING_URI"] = ctx["uri"]  # this trial's process: every log goes over HTTP
     os.environ.setdefault(WORKER_GROUP_TIMEOUT_ENV, str(WORKER_GROUP_TIMEOUT_S))  # Train propagates it
@@ -383,7 +383,7 @@ def _sample_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from raygen.platform import tracking
-    from raygen.platform.evaluate import SamplerWorker, balanced_labels, batch_seed, score_features
+    from raygen.platform.evaluate.scoring import SamplerWorker, balanced_labels, batch_seed, score_features
 
     t0 = time.time()
     os.environ["MLFLOW_TRACKING_URI"] = ctx["uri"]
@@ -417,7 +417,7 @@ def _sample_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     if images is not None and len(images):
         import tempfile
 
-        from raygen.platform.sampling import grid_image
+        from raygen.platform.evaluate.sampling import grid_image
 
         with tempfile.TemporaryDirectory() as tmp:
             png = Path(tmp) / "samples.png"
@@ -470,7 +470,7 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
     import ray
 
     from raygen.platform import tracking
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     spec, t0 = plan.spec, time.time()
     os.environ.setdefault(WORKER_GROUP_TIMEOUT_ENV, str(WORKER_GROUP_TIMEOUT_S))  # a local Ray's workers inherit it
@@ -478,7 +478,7 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
     ctx: dict[str, Any] = {"name": spec.name, "keys": [d.key for d in spec.space]}
     if spec.kind == "train":
         if plan.tokenize_first:
-            from raygen.platform.tokenize import tokenize
+            from raygen.platform.data.tokenize import tokenize
 
             data = tokenize(plan.base, progress=False)
             out(f"sweep: data {data.manifest['rows']} rows -> {data.out}")
@@ -502,7 +502,7 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
         if spec.kind == "sample":
             ctx.update(base=plan.base.to_dict(), **_sample_context(plan))
         elif _is_digits_data(plan.data_dir):
-            from raygen.platform.digits import load_classifier
+            from raygen.platform.evaluate.digits import load_classifier
 
             load_classifier(Path(plan.base.workdir) / "cache")  # trained once here, not by trials at once
         trial_uri = server.wait() if server else uri
@@ -554,7 +554,7 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
 
 
 def _is_digits_data(data_dir: str) -> bool:
-    from raygen.platform import shards
+    from raygen.platform.data import shards
 
     return shards.read_manifest(data_dir)["source"]["name"] == "digits"
 
@@ -577,10 +577,10 @@ def _parent_params(plan: SweepPlan) -> dict[str, Any]:
 
 def _sample_context(plan: SweepPlan) -> dict[str, Any]:
     """What every sample trial needs, computed once: the export's files, the extractors, the references."""
-    from raygen.platform import evaluate
-    from raygen.platform import metrics as M
-    from raygen.platform.digits import classifier_fingerprint, load_classifier
-    from raygen.platform.sampling import is_digits
+    from raygen.platform.evaluate import scoring as evaluate
+    from raygen.platform.evaluate import metrics as M
+    from raygen.platform.evaluate.digits import classifier_fingerprint, load_classifier
+    from raygen.platform.evaluate.sampling import is_digits
 
     target, cfg, e = plan.target, plan.base, plan.base.eval
     ctx: dict[str, Any] = {"threads": plan.resources.threads, "use_gpu": plan.resources.use_gpu,

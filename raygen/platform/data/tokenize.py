@@ -21,8 +21,8 @@ import torch
 from raygen.config import Config, TokenizerConfig
 from raygen.errors import ConfigError, DataError
 from raygen.models.tokenizers import Codec, PaletteTokenizer, from_spec
-from raygen.platform import shards
-from raygen.platform.sources import ImageDecoder, Source, open_source
+from raygen.platform.data import shards
+from raygen.platform.data.sources import ImageDecoder, Source, open_source
 
 GRID = 16  # the papers' token grid side; the default image size targets it
 
@@ -161,7 +161,7 @@ class TokenizeActor:
 def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> TokenizeResult:
     import ray
 
-    from raygen.platform.cluster import cluster_cpus, cluster_gpus, init_ray
+    from raygen.platform.cluster.connect import cluster_cpus, cluster_gpus, init_ray
 
     t0 = time.time()
     p = plan(cfg)

@@ -11,7 +11,7 @@ Feature spaces ("extractors"):
   and precision/recall are computed the standard way (pytorch-fid's network and preprocessing,
   the TF Inception Score on unbiased logits).
 - `digits-classifier`: the held-out digits classifier's 128-d penultimate features
-  (raygen.platform.digits). The Fréchet distance there is FD-digits: FID's formula in a feature
+  (raygen.platform.evaluate.digits). The Fréchet distance there is FD-digits: FID's formula in a feature
   space that CPU runs can afford and that needs no external weights.
 
 A reference file (`raygen eval --make-reference DATA_DIR --out REF`) holds, per extractor, the
@@ -248,7 +248,7 @@ class Extractors:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> dict[str, np.ndarray]:
         from raygen.models.inception import FIDInceptionV3
-        from raygen.platform.digits import digits_features
+        from raygen.platform.evaluate.digits import digits_features
 
         out: dict[str, np.ndarray] = {}
         if self.digits is not None:

@@ -30,9 +30,9 @@ from raygen.config import Config, TrainConfig
 from raygen.errors import ConfigError, DataError, UserError
 from raygen.families import Family
 from raygen.models.registry import build_model, model_config
-from raygen.platform import shards
-from raygen.platform.engine import batch_split, build_ds_config, resolve_zero_stage
-from raygen.platform.loop import EMA, BatchChecker, LoopHooks, TrainState, lr_at, run_steps  # noqa: F401 - lr_at, EMA: API
+from raygen.platform.data import shards
+from raygen.platform.train.engine import batch_split, build_ds_config, resolve_zero_stage
+from raygen.platform.train.loop import EMA, BatchChecker, LoopHooks, TrainState, lr_at, run_steps  # noqa: F401 - lr_at, EMA: API
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
 ABORT_TAG = "raygen.abort"
@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raygen.platform.engine import DeepSpeedEngine
+    from raygen.platform.train.engine import DeepSpeedEngine
     from raygen.platform.tracking import MlflowTracker, NullTracker
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -295,7 +295,7 @@ class Checkpointer:
         import ray.train
         from ray.train import Checkpoint
 
-        from raygen.platform.sampling import write_export
+        from raygen.platform.evaluate.sampling import write_export
 
         state = self.state
         with tempfile.TemporaryDirectory() as tmp:
@@ -315,7 +315,7 @@ class Checkpointer:
 def _log_samples(cfg: Config, meta: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
     """A fixed-seed grid from the live weights; every rank generates (ZeRO-3 gathers collectively)."""
     from raygen.config import parse_labels
-    from raygen.platform.sampling import decode, generate, grid_image
+    from raygen.platform.evaluate.sampling import decode, generate, grid_image
 
     if not families.get(meta["family"]).can_sample(meta):
         return
@@ -384,7 +384,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raygen.platform import tracking
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     t0 = time.time()
     init_ray(cfg.ray)
@@ -472,8 +472,8 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
 def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) -> dict[str, float]:
     """Sample a grid from the export, log it, and log eval/class_acc for digits."""
     from raygen.platform import tracking
-    from raygen.platform.digits import class_accuracy, load_classifier
-    from raygen.platform.sampling import is_digits, load_export, sample_grid
+    from raygen.platform.evaluate.digits import class_accuracy, load_classifier
+    from raygen.platform.evaluate.sampling import is_digits, load_export, sample_grid
 
     model, meta = load_export(export_dir)
     if not families.get(meta["family"]).can_sample(meta):  # e.g. a part of a composite export

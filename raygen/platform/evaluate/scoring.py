@@ -38,7 +38,7 @@ import torch
 
 from raygen.config import Config, SampleConfig, load_config, parse_labels
 from raygen.errors import ConfigError, UserError
-from raygen.platform import metrics as M
+from raygen.platform.evaluate import metrics as M
 
 # --------------------------------------------------------------------------------------
 # What is evaluated
@@ -69,7 +69,7 @@ def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> E
     """The model's own sampling defaults, then the knobs a sweep tagged on its alias, then the
     flags, then key=value overrides."""
     from raygen.platform import tracking
-    from raygen.platform.sampling import read_export_meta
+    from raygen.platform.evaluate.sampling import read_export_meta
 
     base = load_config(None, overrides, **flags)
     uri = tracking.tracking_uri(base.workdir, base.tracking.uri)
@@ -104,7 +104,7 @@ class SamplerWorker:
         import tempfile
 
         from raygen.models.tokenizers import from_spec
-        from raygen.platform.sampling import load_export
+        from raygen.platform.evaluate.sampling import load_export
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
@@ -123,7 +123,7 @@ class SamplerWorker:
 
     def images(self, labels: list[int], seed: int) -> torch.Tensor:
         """labels (B,) -> uint8 images (B, H, W, C) at the model's sampling config."""
-        from raygen.platform.sampling import generate
+        from raygen.platform.evaluate.sampling import generate
 
         sample = dataclasses.replace(self.sample, seed=seed, batch_size=max(1, len(labels)))
         return self.tok.decode(generate(self.model, self.meta, labels, sample, self.device))
@@ -169,7 +169,7 @@ def _payload(target: EvalTarget, digits_state=None, inception_state=None) -> dic
 
 def _check_sampling(target: EvalTarget) -> list[int]:
     """Fail before any worker starts: labels, the family's knobs, and whether the model samples alone."""
-    from raygen.platform.sampling import check_knobs, family_of
+    from raygen.platform.evaluate.sampling import check_knobs, family_of
 
     classes = parse_labels(target.cfg.sample.labels, target.meta["data"]["num_classes"])
     check_knobs(target.meta, target.cfg.sample.knobs)
@@ -181,7 +181,7 @@ def _check_sampling(target: EvalTarget) -> list[int]:
 
 def _pool_shape(cfg: Config) -> tuple[int, int, bool]:
     """(workers, threads per worker, use_gpu) for the cluster at hand."""
-    from raygen.platform.cluster import cluster_cpus, cluster_gpus
+    from raygen.platform.cluster.connect import cluster_cpus, cluster_gpus
 
     cpus, gpus = cluster_cpus(), cluster_gpus()
     use_gpu = gpus > 0
@@ -199,7 +199,7 @@ def sample_features(cfg: Config, payload: dict[str, Any], labels: list[int], *, 
     import ray
     from ray.util import ActorPool
 
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     init_ray(cfg.ray)
     workers, threads, use_gpu = _pool_shape(cfg)
@@ -237,14 +237,14 @@ def sample_features(cfg: Config, payload: dict[str, Any], labels: list[int], *, 
 
 
 def _digits_extractor(cfg: Config) -> tuple[dict[str, torch.Tensor], str]:
-    from raygen.platform.digits import classifier_fingerprint, load_classifier
+    from raygen.platform.evaluate.digits import classifier_fingerprint, load_classifier
 
     clf, _ = load_classifier(Path(cfg.workdir) / "cache")
     return clf.state_dict(), classifier_fingerprint(clf)
 
 
 def _source_items(src: dict[str, Any]):
-    from raygen.platform.sources import ImageDecoder, open_source
+    from raygen.platform.data.sources import ImageDecoder, open_source
 
     source = open_source(src["name"], src.get("path"))
     decoder = ImageDecoder(src["name"], image_size=src["image_size"], channels=src["channels"],
@@ -286,7 +286,7 @@ def real_features_ray(cfg: Config, src: dict[str, Any], payload: dict[str, Any])
     """Decode the source with Ray Data tasks and featurise with an actor pool (any data set size)."""
     import ray
 
-    from raygen.platform.cluster import init_ray
+    from raygen.platform.cluster.connect import init_ray
 
     init_ray(cfg.ray)
     workers, _, use_gpu = _pool_shape(cfg)
@@ -310,7 +310,7 @@ def real_features_ray(cfg: Config, src: dict[str, Any], payload: dict[str, Any])
 
 def make_reference(cfg: Config, data_dir: str | Path, out: str | Path) -> M.Reference:
     """Statistics of the real images behind a tokenized data set (its manifest names the source)."""
-    from raygen.platform import shards
+    from raygen.platform.data import shards
 
     manifest = shards.read_manifest(data_dir)
     src = dict(manifest["source"])
@@ -331,7 +331,7 @@ def make_reference(cfg: Config, data_dir: str | Path, out: str | Path) -> M.Refe
 
 def implicit_digits_reference(cfg: Config, target: EvalTarget, digits: tuple[dict, str]) -> M.Reference:
     """The real digits as the model's data set saw them (its manifest's decoding, else the model's size)."""
-    from raygen.platform import shards
+    from raygen.platform.data import shards
 
     src = {"name": "digits", "path": None, "image_size": target.image_size, "channels": target.channels,
            "resize": True, "on_bad_input": "fail"}
@@ -351,7 +351,7 @@ def implicit_digits_reference(cfg: Config, target: EvalTarget, digits: tuple[dic
 
 def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     """Sample cfg.eval.n images, score them, log them to the model's run; returns what was measured."""
-    from raygen.platform.sampling import is_digits
+    from raygen.platform.evaluate.sampling import is_digits
 
     cfg, meta, e = target.cfg, target.meta, target.cfg.eval
     t0 = time.time()
@@ -434,7 +434,7 @@ def score_features(feats: dict[str, np.ndarray], digits_ref: dict[str, Any] | No
 def _log(target: EvalTarget, result: dict[str, Any], images: np.ndarray | None, labels: np.ndarray,
          classes: list[int]) -> None:
     from raygen.platform import tracking
-    from raygen.platform.sampling import grid_image
+    from raygen.platform.evaluate.sampling import grid_image
 
     uri, run_id = target.uri, target.run_id
     tracking.log_metrics(uri, run_id, result["metrics"], int(target.meta.get("steps") or 0))
@@ -469,7 +469,7 @@ def measure_sampling(target: EvalTarget) -> dict[str, Any]:
     """Images/s and peak memory of one batch at the run's sampling config, in one Ray worker."""
     import ray
 
-    from raygen.platform.cluster import cluster_gpus, init_ray
+    from raygen.platform.cluster.connect import cluster_gpus, init_ray
 
     classes = _check_sampling(target)
     init_ray(target.cfg.ray)

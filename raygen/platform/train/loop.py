@@ -24,7 +24,7 @@ import torch
 
 from raygen.config import TrainConfig
 from raygen.errors import DataError
-from raygen.platform import shards
+from raygen.platform.data import shards
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

@@ -130,7 +130,7 @@ def load_edit_inputs(meta: dict[str, Any], image_path: str | Path, mask_path: st
     """
     from PIL import Image
 
-    from raygen.platform.sources import fit_image
+    from raygen.platform.data.sources import fit_image
 
     tok = from_spec(meta["tokenizer"])
     try:
