@@ -101,16 +101,16 @@ def test_train_config_knobs_validate():
     assert cfg.train.ds_config == {"zero_optimization": {"overlap_comm": True}, "foo": 1}
 
 
-def _digits_epochs(batch: int, seed: int = 0):
-    """Real digits (8x8, 16-level palette) as one shuffled pass per epoch, in memory."""
+def _digits_epochs(batch: int, seed: int = 0, rows: int | None = None):
+    """Real digits (8x8, 16-level palette; the first `rows`) as one shuffled pass per epoch, in memory."""
     from raygen.models.tokenizers import PaletteConfig, PaletteTokenizer
     from raygen.platform.evaluate.digits import digits_split
 
     data = digits_split()
     images = torch.from_numpy(data["train_x"])  # (N, 8, 8, 1) uint8
     tok = PaletteTokenizer.fit(PaletteConfig(size=16), images[:256], image_size=8, channels=1)
-    tokens = tok.encode(images).flatten(1)
-    labels = torch.from_numpy(data["train_y"]).long()
+    tokens = tok.encode(images).flatten(1)[:rows]
+    labels = torch.from_numpy(data["train_y"]).long()[:rows]
 
     def epoch_batches(epoch: int):
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -167,8 +167,8 @@ def test_a_restored_loop_ends_where_the_uninterrupted_one_does(tmp_path):
     """Exact resume without Ray: checkpoint mid-epoch (engine, data position, RNGs), rebuild, continue."""
     from raygen.platform.train.loop import LoopHooks, TrainState, run_steps
 
-    epoch_batches, n = _digits_epochs(256)  # 5 batches per epoch: step 7 is batch 2 of epoch 1
-    t = TrainConfig(steps=12, lr=2e-3, warmup_steps=2, log_every=100, checkpoint_every=7, global_batch=256)
+    epoch_batches, n = _digits_epochs(64, rows=320)  # 5 batches per epoch: step 7 is batch 2 of epoch 1
+    t = TrainConfig(steps=12, lr=2e-3, warmup_steps=2, log_every=100, checkpoint_every=7, global_batch=64)
 
     def run(stop_after_checkpoint: bool, state: TrainState, eng):
         saved = {}

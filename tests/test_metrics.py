@@ -274,7 +274,7 @@ def test_reference_round_trip_and_refusals(tmp_path):
 
 
 def test_mfu_is_logged_only_with_a_known_gpu_peak(monkeypatch):
-    from raygen.platform.train.driver import _peak_flops
+    from raygen.platform.devices import peak_flops as _peak_flops
 
     assert _peak_flops(torch.device("cpu"), "fp32") is None  # CPU: no perf/mfu
     # No GPU here: the name lookup is exercised with the names CUDA reports for these cards.

@@ -43,7 +43,7 @@ def _run_id_from(out: str) -> str:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, workdir, digits8, run_cli):
+def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, workdir, digits8, run_cli, tmp_path):
     code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", f"train.zero_stage={stage}",
                              "train.fail_at_step=6", "train.max_failures=1", f"tracking.run_name=zero{stage}", *TINY,
                              "train.sample_every=4", "train.ema=0.9")
@@ -70,25 +70,21 @@ def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, wo
     assert {"model", "samples", "config.yaml", "data", "ds_config.json"} <= arts
     grids = {a.path for a in client.list_artifacts(run_id, "samples")}
     assert "samples/samples_step00000004.png" in grids  # the live-weights grid during training
-
-
-def test_a_restarted_run_ends_with_the_uninterrupted_runs_loss_and_weights(workdir, digits8, run_cli, tmp_path):
-    """Exact resume: the checkpoint holds the data position and every RNG, so a worker failure at
-    step 6 (restart from step 4, mid-epoch) changes nothing about where training ends."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(_uri(workdir))
+    if stage != 2:
+        return
+    # Exact resume: the checkpoint holds the data position (step 4 is mid-epoch) and every RNG, so
+    # the restart changed nothing about where training ends: the same run without the failure
+    # ends with the same loss and (EMA) weights.
+    code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", f"train.zero_stage={stage}",
+                             "tracking.run_name=straight", *TINY, "train.sample_every=4", "train.ema=0.9")
+    assert code == 0, err
+    straight = _run_id_from(out)
     ends = {}
-    for name, extra in (("straight", []), ("restarted", ["train.fail_at_step=6", "train.max_failures=1"])):
-        code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", "train.zero_stage=2", *TINY,
-                                 "train.steps=10", f"tracking.run_name=exact-{name}", *extra)
-        assert code == 0, err
-        run_id = _run_id_from(out)
-        path = client.download_artifacts(run_id, "model/model.pt", str(tmp_path / name))
-        ends[name] = (dict(_metrics(workdir, run_id)[1]["train/loss"]), torch.load(path, weights_only=True))
-    (loss_a, w_a), (loss_b, w_b) = ends["straight"], ends["restarted"]
-    assert loss_b[10] == pytest.approx(loss_a[10], rel=1e-5) and loss_b[8] == pytest.approx(loss_a[8], rel=1e-5)
-    assert w_a.keys() == w_b.keys()
+    for rid in (run_id, straight):
+        path = client.download_artifacts(rid, "model/model.pt", str(tmp_path / rid))
+        ends[rid] = (dict(_metrics(workdir, rid)[1]["train/loss"]), torch.load(path, weights_only=True))
+    (loss_a, w_a), (loss_b, w_b) = ends[straight], ends[run_id]
+    assert loss_b[8] == pytest.approx(loss_a[8], rel=1e-5) and w_a.keys() == w_b.keys()
     for k in w_a:
         assert torch.allclose(w_a[k], w_b[k], rtol=1e-5, atol=1e-6), k
 

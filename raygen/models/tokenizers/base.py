@@ -113,11 +113,9 @@ class Tokenizer(Codec):
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != self.grid:
             raise ValueError(f"expected tokens (B, {self.grid[0]}, {self.grid[1]}), got {tuple(tokens.shape)}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]"
-            )
-
+        lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.numel() else (0, 0)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{lo}, {hi}]")
 
 
 class LatentCodec(Codec):

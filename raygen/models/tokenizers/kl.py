@@ -33,7 +33,16 @@ from einops import rearrange
 from torch import nn
 
 # The conv blocks are the same as LlamaGen's VQ (both descend from taming/LDM); shared, not copied.
-from raygen.models.tokenizers.vq import AttnBlock, Downsample, ResnetBlock, Upsample, _init_weights, _norm, _swish
+from raygen.models.tokenizers.vq import (
+    AttnBlock,
+    Downsample,
+    ResnetBlock,
+    Upsample,
+    _init_weights,
+    _norm,
+    _swish,
+    check_conv_sizes,
+)
 
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM clamps the posterior log-variance to this range
 
@@ -60,15 +69,8 @@ class KLConfig:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.encoder_attn_resolutions = tuple(int(r) for r in self.encoder_attn_resolutions)
         self.decoder_attn_resolutions = tuple(int(r) for r in self.decoder_attn_resolutions)
-        sizes = dict(ch=self.ch, num_res_blocks=self.num_res_blocks, z_channels=self.z_channels,
-                     embed_dim=self.embed_dim, image_size=self.image_size)
-        bad: dict[str, Any] = {k: v for k, v in sizes.items() if v < 1}
-        if not self.ch_mult or min(self.ch_mult) < 1:
-            bad["ch_mult"] = self.ch_mult
-        if bad:
-            raise ValueError(f"KLConfig: sizes must be positive and ch_mult non-empty, got {bad}")
-        if self.ch % 32 != 0:
-            raise ValueError(f"KLConfig.ch must be a multiple of 32 (GroupNorm uses 32 groups), got {self.ch}")
+        check_conv_sizes("KLConfig", self.ch, self.ch_mult, num_res_blocks=self.num_res_blocks,
+                         z_channels=self.z_channels, embed_dim=self.embed_dim, image_size=self.image_size)
         if self.image_channels not in (1, 3):
             raise ValueError(f"KLConfig.image_channels must be 1 or 3, got {self.image_channels}")
         if self.image_size % self.downsample != 0:

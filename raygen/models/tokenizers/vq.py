@@ -41,15 +41,20 @@ class VQConfig:
 
     def __post_init__(self) -> None:
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        sizes = dict(codebook_size=self.codebook_size, embed_dim=self.embed_dim, ch=self.ch,
-                     z_channels=self.z_channels, num_res_blocks=self.num_res_blocks)
-        bad = {k: v for k, v in sizes.items() if v < 1}
-        if not self.ch_mult or min(self.ch_mult) < 1:
-            bad["ch_mult"] = self.ch_mult
-        if bad:
-            raise ValueError(f"VQConfig sizes must be positive and ch_mult non-empty, got {bad}")
-        if self.ch % 32 != 0:
-            raise ValueError(f"VQConfig.ch must be a multiple of 32 (GroupNorm uses 32 groups), got {self.ch}")
+        check_conv_sizes("VQConfig", self.ch, self.ch_mult, codebook_size=self.codebook_size,
+                         embed_dim=self.embed_dim, z_channels=self.z_channels, num_res_blocks=self.num_res_blocks)
+
+
+def check_conv_sizes(what: str, ch: int, ch_mult: tuple[int, ...], **sizes: int) -> None:
+    """The size rules of the LDM-style conv autoencoders (VQ-16, KL-16): positive sizes, a
+    non-empty ch_mult, and a base width GroupNorm(32) can split."""
+    bad: dict[str, Any] = {k: v for k, v in {"ch": ch, **sizes}.items() if v < 1}
+    if not ch_mult or min(ch_mult) < 1:
+        bad["ch_mult"] = ch_mult
+    if bad:
+        raise ValueError(f"{what} sizes must be positive and ch_mult non-empty, got {bad}")
+    if ch % 32 != 0:
+        raise ValueError(f"{what}.ch must be a multiple of 32 (GroupNorm uses 32 groups), got {ch}")
 
 
 def _norm(channels: int) -> nn.GroupNorm:

@@ -22,7 +22,6 @@ images of another resolution or features of another extractor.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from raygen.errors import UserError
+from raygen.platform.data.shards import sha256_file
 
 INCEPTION = "inception-v3-fid"
 DIGITS = "digits-classifier"
@@ -163,14 +163,6 @@ def inception_weights_path(configured: str | None) -> tuple[Path | None, str]:
 
 def weights_missing_error(why: str) -> UserError:
     return UserError(f"{why}; {_how_to_provide()}")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

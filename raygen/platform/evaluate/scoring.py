@@ -150,12 +150,9 @@ class SamplerWorker:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
-        if self.device.type == "cuda":
-            peak, what = torch.cuda.max_memory_allocated(self.device) / 1e9, "CUDA max allocated"
-        else:
-            import resource
+        from raygen.platform.devices import peak_memory_gb
 
-            peak, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, "worker process peak RSS"
+        peak, what = peak_memory_gb(self.device)
         return {"images_per_s": len(labels) / seconds, "seconds": seconds, "batch": len(labels), "peak_gb": peak,
                 "peak_what": what, "device": str(self.device)}
 

@@ -204,7 +204,7 @@ def check_train_trials(plan: SweepPlan) -> None:
             if p.manifest["source"]["name"] != "digits":
                 raise ConfigError(f"metric {spec.metric} is measured on digits models; '{plan.data_dir}' holds "
                                   f"{p.manifest['source']['name']} images; use metric: train/loss")
-            if not p.family.can_sample({"model_config": p.model_config}):
+            if not p.plugin.can_sample({"model_config": p.model_config}):
                 raise ConfigError(f"metric {spec.metric}: a {cfg.model.family} {cfg.model.size} model samples only as "
                                   "part of a registered pair; use metric: train/loss")
 

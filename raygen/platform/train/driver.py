@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from raygen import families
-from raygen.config import Config, TrainConfig
+from raygen.config import Config
 from raygen.errors import ConfigError, DataError, UserError
 from raygen.families import Family
 from raygen.models.registry import build_model, model_config
 from raygen.platform.data import shards
 from raygen.platform.train.engine import batch_split, build_ds_config, resolve_zero_stage
-from raygen.platform.train.loop import EMA, BatchChecker, LoopHooks, TrainState, lr_at, run_steps  # noqa: F401 - lr_at, EMA: API
+from raygen.platform.devices import peak_flops, peak_memory_gb
+from raygen.platform.train.loop import EMA, BatchChecker, LoopHooks, TrainState, run_steps
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
 ABORT_TAG = "raygen.abort"
@@ -147,35 +148,6 @@ def _jsonable(value: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-def _peak_mem_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux -> GB
-
-
-# Dense peak TFLOPS per GPU from the vendors' datasheets: (bf16 tensor cores, plain fp32).
-# First substring match of torch.cuda.get_device_name() wins; RAYGEN_PEAK_TFLOPS overrides.
-GPU_PEAK_TFLOPS = (("H200", 989.4, 66.9), ("H100 PCIe", 756.0, 51.2), ("H100", 989.4, 66.9),
-                   ("A100", 312.0, 19.5), ("L40S", 362.1, 91.6), ("L4", 121.0, 30.3), ("A10", 125.0, 31.2))
-
-
-def _peak_flops(device: torch.device, precision: str) -> float | None:
-    """The device's peak FLOP/s at the training precision, or None (CPU, unknown GPU): no perf/mfu then."""
-    import os
-
-    if device.type != "cuda":
-        return None
-    if os.environ.get("RAYGEN_PEAK_TFLOPS"):
-        return float(os.environ["RAYGEN_PEAK_TFLOPS"]) * 1e12
-    name = torch.cuda.get_device_name(device)
-    for key, bf16, fp32 in GPU_PEAK_TFLOPS:
-        if key in name:
-            return (bf16 if precision == "bf16" else fp32) * 1e12
-    return None
-
-
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     import torch.distributed as dist
 
@@ -264,7 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         on_sample=lambda step: _log_samples(cfg, setup.export_meta, engine, device, step, tracker, rank),
         on_checkpoint=lambda step, metrics: checkpointer.save(step == t.steps, metrics),
         fail_at_step=t.fail_at_step if not restored and rank == world - 1 else None, world=world,
-        peak_flops=_peak_flops(device, plan.precision), extra_metrics=lambda: {"mem/peak_gb": _peak_mem_gb(device)},
+        peak_flops=peak_flops(device, plan.precision), extra_metrics=lambda: {"mem/peak_gb": peak_memory_gb(device)[0]},
     )
     run_steps(engine, state, epoch_batches, t, hooks)
 
