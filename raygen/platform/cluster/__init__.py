@@ -1,0 +1,1 @@
+"""Clusters: connecting to (or starting) Ray, and Ray Jobs submission."""

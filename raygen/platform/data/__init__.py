@@ -1,0 +1,1 @@
+"""Data: image sources, tokenized shards with their manifest and declared columns, the tokenize job."""
