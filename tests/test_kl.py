@@ -304,3 +304,23 @@ def test_debug_autoencoder_learns_digits():
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5, losses
     assert time.perf_counter() - t0 < 30
+
+
+def test_kl_is_a_registered_latent_codec_built_from_its_config_section():
+    from raygen.models.tokenizers import CODECS, KLCodecConfig, LatentCodec, from_spec
+    from raygen.models.tokenizers.kl import kl_config_at
+
+    assert CODECS["kl"] is KLTokenizer and issubclass(KLTokenizer, LatentCodec) and KLTokenizer.kind == "latents"
+    assert KLTokenizer.downsample_of(KLCodecConfig()) == 16 and KLTokenizer.downsample_of(KLCodecConfig("debug")) == 2
+    # the attention level follows the image: KL-16 attends at 16 of 256 px, so at 512 px at 32
+    assert kl_config_at("kl16", 512).encoder_attn_resolutions == (32,)
+    assert kl_config_at("debug", 32).encoder_attn_resolutions == (16,)
+    assert kl_config_at("kl16", 384).encoder_attn_resolutions == (24,)
+    with pytest.raises(ValueError, match="image_size 200 is not a multiple of the downsampling factor 16"):
+        kl_config_at("kl16", 200)
+    with pytest.raises(ValueError, match="unknown KL size 'kl8'; known: debug, kl16"):
+        KLCodecConfig("kl8")
+    tok = KLTokenizer.from_config(KLCodecConfig("debug", seed=3), image_size=32, channels=1)
+    assert tok.grid == (16, 16) and tok.latent_shape == (256, 4) and tok.image_size == 32
+    again = from_spec(tok.spec())
+    assert isinstance(again, KLTokenizer) and again.fingerprint() == tok.fingerprint()

@@ -158,3 +158,24 @@ def test_vq_tokenizer_through_ray(ray_local, tmp_path, run_cli):
     m = json.loads((out / "manifest.json").read_text())
     assert m["source"]["image_size"] == 32 and m["rows"] == 1797
     assert run_cli("data", "check", str(out))[0] == 0
+
+
+def test_kl_codec_through_ray_writes_latents_that_decode_with_the_manifests_codec(ray_local, tmp_path, run_cli):
+    """The digits-size KL autoencoder (random weights from a seed) on digits at 16 px: 8x8x4 latents."""
+    import torch
+
+    from raygen.models.tokenizers import from_spec
+
+    out = tmp_path / "kl"
+    code, stdout, err = run_cli("tokenize", "--tokenizer", "kl", "--out", str(out), "tokenizer.kl.size=debug",
+                                "data.image_size=16", "data.rows_per_shard=1000")
+    assert code == 0, err
+    assert "grid 8x8, latents 64x4 float16" in stdout and "codec kl" in stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["columns"]["latents"] == {"kind": "latents", "dtype": "float16", "shape": [64, 4], "scale": 1.0}
+    assert m["tokenizer"]["weights"] == {"checkpoint": None, "seed": 0}
+    assert run_cli("data", "check", str(out))[0] == 0
+    codec = from_spec(m["tokenizer"])  # what `raygen sample` decodes a model's latents with
+    latents = np.stack(pq.read_table(out / "shard-00000.parquet").column("latents").to_numpy(zero_copy_only=False))
+    images = codec.decode(torch.from_numpy(latents[:3].astype(np.float32)).reshape(3, 64, 4))
+    assert images.shape == (3, 16, 16, 1) and images.dtype == torch.uint8

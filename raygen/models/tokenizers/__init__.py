@@ -1,7 +1,10 @@
-"""Codecs: images <-> token ids (`palette`, `vq`) or latents (`pixels`).
+"""Codecs: images <-> token ids (`palette`, `vq`) or latents (`pixels`, `kl`).
 
-`CODECS` names every codec class; `from_spec` rebuilds one from a manifest's spec (config,
-fitted state, weights) through the class's own `from_spec`.
+`CODECS` names every codec class. Each class declares its config section (`config_cls`, at
+`tokenizer.<name>`), its data kind (`kind`), the downsampling its section implies
+(`downsample_of`), how it is built for a data set (`from_config`) and rebuilt from a
+manifest's spec (`from_spec`: config, fitted state, where its weights come from), and its
+`fingerprint`.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from raygen.models.tokenizers.base import Codec, LatentCodec, Tokenizer
+from raygen.models.tokenizers.kl import KLCodecConfig, KLTokenizer
 from raygen.models.tokenizers.palette import PaletteConfig, PaletteTokenizer
 from raygen.models.tokenizers.pixels import PixelsCodec, PixelsConfig
 from raygen.models.tokenizers.vq import VQTokenizer
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (PaletteTokenizer, VQTokenizer, PixelsCodec)}
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (PaletteTokenizer, VQTokenizer, PixelsCodec, KLTokenizer)}
 TOKENIZERS = tuple(CODECS)
 
 
@@ -25,5 +29,5 @@ def from_spec(spec: dict[str, Any]) -> Codec:
     return cls.from_spec(spec)
 
 
-__all__ = ["Codec", "LatentCodec", "Tokenizer", "PaletteConfig", "PaletteTokenizer", "PixelsCodec", "PixelsConfig",
-           "VQTokenizer", "CODECS", "TOKENIZERS", "from_spec"]
+__all__ = ["Codec", "LatentCodec", "Tokenizer", "KLCodecConfig", "KLTokenizer", "PaletteConfig", "PaletteTokenizer",
+           "PixelsCodec", "PixelsConfig", "VQTokenizer", "CODECS", "TOKENIZERS", "from_spec"]

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,7 @@ class Codec(nn.Module, ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str]  # "ids" or "latents": what encode() returns
+    config_cls: ClassVar[type]  # the codec's config section (tokenizer.<name>)
 
     def __init__(self, *, image_size: int, channels: int):
         super().__init__()
@@ -44,6 +46,18 @@ class Codec(nn.Module, ABC):
     @abstractmethod
     def downsample(self) -> int:
         """Pixels per token along each side."""
+
+    @classmethod
+    def downsample_of(cls, section: Any) -> int:
+        """Pixels per token side of the codec a config section describes (no weights loaded)."""
+        return section.patch
+
+    @classmethod
+    def from_config(cls, section: Any, *, image_size: int, channels: int,
+                    fit_images: Callable[[int, int], torch.Tensor] | None = None) -> "Codec":
+        """The codec for images of this size from its config section. A codec fitted to data
+        (the palette) draws `fit_images(n, seed)`: n source images (N, H, W, C) uint8."""
+        return cls(section, image_size=image_size, channels=channels)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -78,8 +92,10 @@ class Codec(nn.Module, ABC):
         }
 
     def fingerprint(self) -> str:
-        """sha256 over the spec and every tensor of the state dict (16 hex digits)."""
-        h = hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode())
+        """sha256 over the spec (less `weights`: where they came from) and every tensor of the
+        state dict (16 hex digits)."""
+        spec = {k: v for k, v in self.spec().items() if k != "weights"}
+        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
         for key, value in sorted(self.state_dict().items()):
             h.update(key.encode())
             h.update(value.detach().to("cpu").contiguous().numpy().tobytes())

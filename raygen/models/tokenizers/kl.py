@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import pickle
@@ -33,6 +31,7 @@ from einops import rearrange
 from torch import nn
 
 # The conv blocks are the same as LlamaGen's VQ (both descend from taming/LDM); shared, not copied.
+from raygen.models.tokenizers.base import LatentCodec
 from raygen.models.tokenizers.vq import (
     AttnBlock,
     Downsample,
@@ -305,16 +304,43 @@ def check_kl_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], *, source
 # --- the tokenizer ----------------------------------------------------------------------------
 
 
-class KLTokenizer(nn.Module):
+@dataclass
+class KLCodecConfig:
+    """`tokenizer.kl`: which KL autoencoder encodes a data set, and where its weights come from."""
+
+    size: str = field(default="kl16", metadata={"help": "a named architecture: kl16 (MAR's KL-16) or debug (digits)"})
+    checkpoint: str | None = field(default=None, metadata={
+        "help": "local path of an official-format checkpoint (never downloaded); null = random weights from seed",
+        "path": True})
+    seed: int = field(default=0, metadata={"help": "weights' seed when there is no checkpoint"})
+
+    def __post_init__(self) -> None:
+        if self.size not in KL_SIZES:
+            raise ValueError(f"unknown KL size '{self.size}'; known: {', '.join(KL_SIZES)}")
+
+
+def kl_config_at(size: str, image_size: int) -> KLConfig:
+    """The named architecture at another image size. [I] The attention sides scale with the image,
+    so the encoder keeps attending at the same level (MAR's KL-16: the lowest, 16 of 256 px)."""
+    base = KL_SIZES[size]
+    factor = image_size / base.image_size
+
+    def scaled(sides: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(int(r * factor) if (r * factor).is_integer() else -1 for r in sides)
+
+    return dataclasses.replace(base, image_size=image_size, encoder_attn_resolutions=scaled(
+        base.encoder_attn_resolutions), decoder_attn_resolutions=scaled(base.decoder_attn_resolutions))
+
+
+class KLTokenizer(LatentCodec):
     """Images (B, H, W, C) uint8 <-> scaled latents (B, h*w, E) float32, raster order.
 
-    [I] Not a `base.Tokenizer`: that contract is integer ids with a vocabulary; this one has the
-    same identity verbs (`spec`, `fingerprint`, `grid`) and float latents instead of ids.
     [I] Grayscale images go through an RGB model (channels=1, image_channels=3) replicated to three
     channels, and decode to the channel mean, as raygen's VQ tokenizer does.
     """
 
     name = "kl"
+    config_cls = KLCodecConfig
 
     def __init__(
         self,
@@ -324,14 +350,12 @@ class KLTokenizer(nn.Module):
         checkpoint: str | os.PathLike[str] | None = None,
         seed: int = 0,
     ):
-        super().__init__()
         channels = config.image_channels if channels is None else channels
         if channels != config.image_channels and not (channels == 1 and config.image_channels == 3):
             raise ValueError(f"a KL autoencoder with image_channels={config.image_channels} cannot tokenize "
                              f"{channels}-channel images (only 1-channel images through a 3-channel model)")
         self.config = config
-        self.image_size = config.image_size
-        self.channels = channels
+        super().__init__(image_size=config.image_size, channels=channels)
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.seed = seed
         self.autoencoder = KLAutoencoder(config)
@@ -345,20 +369,23 @@ class KLTokenizer(nn.Module):
         """Rebuild from `spec()` (the weights come back from the same checkpoint path or seed)."""
         return cls(KLConfig(**spec["config"]), channels=spec["channels"], **spec["weights"])
 
+    @classmethod
+    def downsample_of(cls, section: KLCodecConfig) -> int:
+        return KL_SIZES[section.size].downsample
+
+    @classmethod
+    def from_config(cls, section: KLCodecConfig, *, image_size: int, channels: int, fit_images=None) -> KLTokenizer:
+        return cls(kl_config_at(section.size, image_size), channels=channels, checkpoint=section.checkpoint,
+                   seed=section.seed)
+
     # --- what a model needs to know ---------------------------------------------------------
     @property
     def downsample(self) -> int:
         return self.config.downsample
 
     @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.downsample
-        return (side, side)
-
-    @property
-    def latent_shape(self) -> tuple[int, int]:
-        """Per-image shape of `encode`'s output: (h*w, E)."""
-        return (self.grid[0] * self.grid[1], self.config.embed_dim)
+    def latent_dim(self) -> int:
+        return self.config.embed_dim
 
     @property
     def scale(self) -> float:
@@ -370,11 +397,7 @@ class KLTokenizer(nn.Module):
 
     def _posterior(self, images: torch.Tensor) -> DiagonalGaussian:
         """(B, H, W, C) uint8 -> posterior over unscaled (B, E, h, w) latents."""
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"expected uint8 images (B, H, W, C), got {images.dtype} {tuple(images.shape)}")
-        if tuple(images.shape[1:]) != (self.image_size, self.image_size, self.channels):
-            raise ValueError(f"expected images of {self.image_size}x{self.image_size}x{self.channels}, "
-                             f"got {'x'.join(str(d) for d in images.shape[1:])}")
+        self._check_images(images)
         x = rearrange(images.to(self._device()).float() / 127.5 - 1.0, "b h w c -> b c h w")  # (B, C, H, W)
         x = x.expand(-1, self.config.image_channels, -1, -1)  # gray through an RGB model: replicate
         return self.autoencoder.encode(x)
@@ -406,9 +429,7 @@ class KLTokenizer(nn.Module):
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, h*w, E) scaled latents -> (B, H, W, C) uint8."""
-        if latents.ndim != 3 or tuple(latents.shape[1:]) != self.latent_shape:
-            raise ValueError(f"expected latents (B, {self.latent_shape[0]}, {self.latent_shape[1]}), "
-                             f"got {tuple(latents.shape)}")
+        self._check_latents(latents)
         z = rearrange(latents.to(self._device(), torch.float32) / self.scale, "b (h w) e -> b e h w",
                       h=self.grid[0])  # (B, E, h, w)
         x = self.autoencoder.decode(z).clamp(-1.0, 1.0)  # (B, image_channels, H, W)
@@ -422,29 +443,15 @@ class KLTokenizer(nn.Module):
         return dataclasses.asdict(self.config)
 
     def spec(self) -> dict[str, Any]:
-        """JSON-able description; `weights` says where the weights came from (not fingerprinted:
-        the weights themselves are)."""
-        return {
-            "name": self.name,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            "config": self.config_dict(),
-            "state": {},
-            "weights": {"checkpoint": self.checkpoint, "seed": self.seed},
-        }
-
-    def fingerprint(self) -> str:
-        """sha256 over the spec (less `weights`) and every tensor of the state dict (16 hex digits)."""
-        spec = {k: v for k, v in self.spec().items() if k != "weights"}
-        h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-        for key, value in sorted(self.state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """The codec's spec plus `weights`: where the weights came from (not fingerprinted: the
+        weights themselves are)."""
+        return {**super().spec(), "weights": {"checkpoint": self.checkpoint, "seed": self.seed}}
 
 
 __all__ = [
     "KL_SIZES",
+    "KLCodecConfig",
+    "kl_config_at",
     "DiagonalGaussian",
     "KLAutoencoder",
     "KLConfig",

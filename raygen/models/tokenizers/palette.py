@@ -31,6 +31,7 @@ class PaletteTokenizer(Tokenizer):
     """K colours (or p x p patches) fitted with k-means; exact for already-quantized pixels."""
 
     name = "palette"
+    config_cls = PaletteConfig
 
     def __init__(self, config: PaletteConfig, *, image_size: int, channels: int, palette: torch.Tensor):
         self.config = config
@@ -44,6 +45,12 @@ class PaletteTokenizer(Tokenizer):
     def from_spec(cls, spec: dict[str, Any]) -> "PaletteTokenizer":
         return cls(PaletteConfig(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"],
                    palette=torch.tensor(spec["state"]["palette"], dtype=torch.float32))
+
+    @classmethod
+    def from_config(cls, section: PaletteConfig, *, image_size: int, channels: int,
+                    fit_images=None) -> "PaletteTokenizer":
+        """Fit on `section.fit_images` source images drawn with `section.seed`."""
+        return cls.fit(section, fit_images(section.fit_images, section.seed), image_size=image_size, channels=channels)
 
     @classmethod
     def fit(cls, config: PaletteConfig, images: torch.Tensor, *, image_size: int, channels: int) -> "PaletteTokenizer":

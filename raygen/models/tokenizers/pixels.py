@@ -30,6 +30,7 @@ class PixelsCodec(LatentCodec):
     """Patches of pixels as latents: x = u / 127.5 - 1 for a pixel value u (exact round trip)."""
 
     name = "pixels"
+    config_cls = PixelsConfig
 
     def __init__(self, config: PixelsConfig, *, image_size: int, channels: int):
         self.config = config

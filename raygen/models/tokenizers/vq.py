@@ -254,6 +254,7 @@ class VQTokenizer(Tokenizer):
     """LlamaGen VQ tokenizer: (B, H, W, C) uint8 <-> (B, H/f, W/f) ids, f = 2**(len(ch_mult)-1)."""
 
     name = "vq"
+    config_cls = VQConfig
 
     def __init__(self, config: VQConfig, *, image_size: int, channels: int):
         self.config = config
@@ -266,6 +267,10 @@ class VQTokenizer(Tokenizer):
         if config.checkpoint is not None:
             self._load(config.checkpoint)
         self.eval()
+
+    @classmethod
+    def downsample_of(cls, section: VQConfig) -> int:
+        return 2 ** (len(section.ch_mult) - 1)
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "VQTokenizer":

@@ -20,7 +20,7 @@ import torch
 
 from raygen.config import Config, TokenizerConfig
 from raygen.errors import ConfigError, DataError
-from raygen.models.tokenizers import Codec, PaletteTokenizer, from_spec
+from raygen.models.tokenizers import Codec, from_spec
 from raygen.platform.data import shards
 from raygen.platform.data.sources import ImageDecoder, Source, open_source
 
@@ -51,10 +51,9 @@ def codec_section(cfg: TokenizerConfig) -> Any:
 
 def tokenizer_downsample(cfg: TokenizerConfig) -> int:
     """Pixels per token side of the configured codec (computed from its config, no weights)."""
-    section = codec_section(cfg)
-    if hasattr(section, "patch"):
-        return section.patch
-    return 2 ** (len(section.ch_mult) - 1)
+    from raygen.models.tokenizers import CODECS
+
+    return CODECS[cfg.name].downsample_of(codec_section(cfg))
 
 
 def data_dir_of(cfg: Config) -> str:
@@ -87,7 +86,9 @@ def plan(cfg: Config) -> TokenizePlan:
         "rows_per_shard": cfg.data.rows_per_shard,
         "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg)},
     }
-    if cfg.tokenizer.name == "pixels":
+    from raygen.models.tokenizers import CODECS
+
+    if CODECS[cfg.tokenizer.name].kind == "latents":
         request["latent_dtype"] = cfg.tokenizer.latent_dtype
     if cfg.tokenizer.name == "palette" and tok_cfg.patch == 1:  # as before patches existed: same request
         del request["tokenizer"]["config"]["patch"]
@@ -102,30 +103,29 @@ def _jsonable(dc: Any) -> dict[str, Any]:
 
 
 def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Codec:
-    """The palette is fitted on a seeded sample of the source; the others come from their config."""
+    """The configured codec for this source: built from its config section (and weights), or
+    fitted on a seeded sample of the source's images (the palette)."""
     from raygen.models.tokenizers import CODECS
 
+    def fit_images(n: int, seed: int) -> torch.Tensor:
+        """n of the source's images, drawn with `seed` and decoded here on the driver (a few hundred at most)."""
+        g = np.random.default_rng(seed)
+        picks = sorted(g.choice(len(p.source.items), size=min(len(p.source.items), n), replace=False).tolist())
+        images = []
+        for i in picks:
+            item = p.source.items[i]
+            out = decoder({k: np.array([v], dtype=object) for k, v in item.items()})
+            images.extend(img for img, err in zip(out["image"], out["error"]) if not err)
+        if not images:
+            raise DataError("cannot fit the codec: every sampled image was unreadable")
+        return torch.from_numpy(np.stack(images[:n]))
+
     name = cfg.tokenizer.name
-    if name != "palette":
-        try:
-            return CODECS[name](codec_section(cfg.tokenizer), image_size=p.image_size, channels=p.channels)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"tokenizer.{name}: {e}") from None
-    pcfg = cfg.tokenizer.palette
-    g = np.random.default_rng(pcfg.seed)
-    n = min(len(p.source.items), pcfg.fit_images)
-    picks = sorted(g.choice(len(p.source.items), size=n, replace=False).tolist())
-    images = []
-    for i in picks:  # decoded here on the driver: a few hundred images at most
-        item = p.source.items[i]
-        out = decoder({k: np.array([v], dtype=object) for k, v in item.items()})
-        images.extend(img for img, err in zip(out["image"], out["error"]) if not err)
-        if len(images) >= pcfg.fit_images:
-            break
-    if not images:
-        raise DataError("cannot fit the palette: every sampled image was unreadable")
-    batch = torch.from_numpy(np.stack(images[: pcfg.fit_images]))
-    return PaletteTokenizer.fit(pcfg, batch, image_size=p.image_size, channels=p.channels)
+    try:
+        return CODECS[name].from_config(codec_section(cfg.tokenizer), image_size=p.image_size, channels=p.channels,
+                                        fit_images=fit_images)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"tokenizer.{name}: {str(e).splitlines()[0]}") from None
 
 
 def column_of(tok: Codec, latent_dtype: str) -> shards.Column:
