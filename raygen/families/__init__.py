@@ -19,7 +19,8 @@ from raygen.families.base import DataInfo, Family, NoKnobs, Prepared
 
 FAMILIES: dict[str, Family] = {}
 _MODULES: dict[str, str] = {}
-BUILTIN = ("raygen.families.ar", "raygen.families.arpg", "raygen.families.nar", "raygen.families.ctf")
+BUILTIN = ("raygen.families.ar", "raygen.families.arpg", "raygen.families.nar", "raygen.families.ctf",
+           "raygen.families.emigm")
 
 
 def register(family: Family) -> Family:

@@ -18,6 +18,7 @@ from raygen.models.ar import AR_FAMILY
 from raygen.models.arpg import ARPG_FAMILY
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
 from raygen.models.ctf import CTF_FAMILY
+from raygen.models.emigm import EMIGM_FAMILY
 from raygen.models.nar import NAR_FAMILY
 
 MODEL_REGISTRY: dict[str, FamilySpec] = {}
@@ -81,6 +82,7 @@ register_family(AR_FAMILY)
 register_family(ARPG_FAMILY)
 register_family(NAR_FAMILY)
 register_family(CTF_FAMILY)
+register_family(EMIGM_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of
@@ -108,4 +110,11 @@ PAPER_PARAMS: dict[tuple[str, str], int] = {
     ("ctf", "aux-B"): 111_000_000,
     ("ctf", "aux-L"): 343_000_000,
     ("ctf", "aux-XL"): 775_000_000,
+    # emigm: exact counts of the official eMIGM class at 256 px (KL-16 latents: 16 channels,
+    # 1000 classes, 16x16 grid, 64 buffer slots, CFG with mask: fake_latent = mask_token, once)
+    ("emigm", "XS"): 69_018_848,
+    ("emigm", "S"): 96_640_544,
+    ("emigm", "B"): 207_924_000,
+    ("emigm", "L"): 478_325_280,
+    ("emigm", "H"): 942_401_824,
 }
