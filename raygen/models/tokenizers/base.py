@@ -29,8 +29,9 @@ class Codec(nn.Module, ABC):
     kind: ClassVar[str]  # "ids" or "latents": what encode() returns
     config_cls: ClassVar[type]  # the codec's config section (tokenizer.<name>)
 
-    def __init__(self, *, image_size: int, channels: int):
+    def __init__(self, config: Any, *, image_size: int, channels: int):
         super().__init__()
+        self.config = config  # the codec's architecture config (its section, or what it implies)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if image_size % self.downsample != 0:
@@ -43,14 +44,19 @@ class Codec(nn.Module, ABC):
 
     # --- what a model needs to know -------------------------------------------------
     @property
-    @abstractmethod
     def downsample(self) -> int:
         """Pixels per token along each side."""
+        return self.downsample_of(self.config)
 
     @classmethod
     def downsample_of(cls, section: Any) -> int:
         """Pixels per token side of the codec a config section describes (no weights loaded)."""
         return section.patch
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> "Codec":
+        """Rebuild from `spec()` for a codec whose config alone determines it (+ weights by seed or path)."""
+        return cls(cls.config_cls(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"])
 
     @classmethod
     def from_config(cls, section: Any, *, image_size: int, channels: int,

@@ -354,8 +354,7 @@ class KLTokenizer(LatentCodec):
         if channels != config.image_channels and not (channels == 1 and config.image_channels == 3):
             raise ValueError(f"a KL autoencoder with image_channels={config.image_channels} cannot tokenize "
                              f"{channels}-channel images (only 1-channel images through a 3-channel model)")
-        self.config = config
-        super().__init__(image_size=config.image_size, channels=channels)
+        super().__init__(config, image_size=config.image_size, channels=channels)
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.seed = seed
         self.autoencoder = KLAutoencoder(config)

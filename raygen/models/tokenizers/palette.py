@@ -34,8 +34,7 @@ class PaletteTokenizer(Tokenizer):
     config_cls = PaletteConfig
 
     def __init__(self, config: PaletteConfig, *, image_size: int, channels: int, palette: torch.Tensor):
-        self.config = config
-        super().__init__(image_size=image_size, channels=channels)
+        super().__init__(config, image_size=image_size, channels=channels)
         dim = config.patch**2 * channels
         if tuple(palette.shape) != (config.size, dim):
             raise ValueError(f"palette must be ({config.size}, {dim}), got {tuple(palette.shape)}")
@@ -67,10 +66,6 @@ class PaletteTokenizer(Tokenizer):
         # Sort by brightness so ids are ordered and the palette does not depend on k-means' labelling.
         order = _brightness_order(centres)
         return cls(config, image_size=image_size, channels=channels, palette=centres[order])
-
-    @property
-    def downsample(self) -> int:
-        return self.config.patch
 
     @property
     def vocab_size(self) -> int:

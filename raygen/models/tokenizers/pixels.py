@@ -32,18 +32,6 @@ class PixelsCodec(LatentCodec):
     name = "pixels"
     config_cls = PixelsConfig
 
-    def __init__(self, config: PixelsConfig, *, image_size: int, channels: int):
-        self.config = config
-        super().__init__(image_size=image_size, channels=channels)
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "PixelsCodec":
-        return cls(PixelsConfig(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"])
-
-    @property
-    def downsample(self) -> int:
-        return self.config.patch
-
     @property
     def latent_dim(self) -> int:
         return self.config.patch**2 * self.channels

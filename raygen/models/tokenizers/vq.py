@@ -257,8 +257,7 @@ class VQTokenizer(Tokenizer):
     config_cls = VQConfig
 
     def __init__(self, config: VQConfig, *, image_size: int, channels: int):
-        self.config = config
-        super().__init__(image_size=image_size, channels=channels)
+        super().__init__(config, image_size=image_size, channels=channels)
         self.encoder, self.decoder = Encoder(config), Decoder(config)
         self.quantize = VectorQuantizer(config.codebook_size, config.embed_dim)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
@@ -272,10 +271,6 @@ class VQTokenizer(Tokenizer):
     def downsample_of(cls, section: VQConfig) -> int:
         return 2 ** (len(section.ch_mult) - 1)
 
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> "VQTokenizer":
-        return cls(VQConfig(**spec["config"]), image_size=spec["image_size"], channels=spec["channels"])
-
     def _load(self, path: str) -> None:
         sd = _load_state_dict(path)
         own = self.state_dict()
@@ -288,10 +283,6 @@ class VQTokenizer(Tokenizer):
             raise ValueError(f"VQ tokenizer checkpoint {path} does not match the expected config "
                              f"{self.config_dict()}: {'; '.join(problems[:5])}{more}")
         self.load_state_dict(sd, strict=True)
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.config.ch_mult) - 1)
 
     @property
     def vocab_size(self) -> int:
