@@ -131,8 +131,8 @@ class Family:
         return dataclasses.asdict(knobs)
 
     def generate(self, model: GenerativeModel, labels: torch.Tensor, sample: SampleConfig, generator: torch.Generator,
-                 meta: dict[str, Any] | None = None, **extra: Any) -> torch.Tensor:
-        knobs = self.check_knobs(sample.knobs, meta)
+                 knobs: Any, **extra: Any) -> torch.Tensor:
+        """One generate() call with the common options and the knobs `check_knobs` returned."""
         return model.generate(labels, cfg_scale=sample.cfg_scale, steps=sample.steps, temperature=sample.temperature,
                               top_k=sample.top_k, top_p=sample.top_p, generator=generator,
                               **self.generate_kwargs(model, knobs), **extra)

@@ -73,12 +73,12 @@ def generate(model, meta: dict[str, Any], labels: list[int], sample: SampleConfi
     """The model's outputs (token grids (B, h, w), or latents) for `labels`, in batches of
     sample.batch_size, seeded by sample.seed."""
     family = family_of(meta)
-    family.check_knobs(sample.knobs, meta)
+    knobs = family.check_knobs(sample.knobs, meta)  # once, not per batch
     g = torch.Generator(device=device).manual_seed(sample.seed)
     out = []
     for i in range(0, len(labels), sample.batch_size):
         chunk = torch.tensor(labels[i : i + sample.batch_size], device=device)
-        out.append(family.generate(model, chunk, sample, g, meta).cpu())
+        out.append(family.generate(model, chunk, sample, g, knobs).cpu())
     return torch.cat(out)
 
 
