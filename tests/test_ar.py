@@ -11,7 +11,7 @@ import torch
 
 from raygen.models import MODEL_REGISTRY, PAPER_PARAMS, build_model, model_config, register_family
 from raygen.models.ar import AR_FAMILY, AR_SIZES, ARConfig, ARModel
-from raygen.models.base import FamilySpec, GenerativeModel
+from raygen.models.base import FamilySpec, TrainableModel
 from raygen.models.sampling import cfg_mix, sample_logits
 
 # A small model whose uncached reference loop stays cheap: 36 tokens, 64 ids, 10 classes.
@@ -56,7 +56,7 @@ def test_every_registered_size_builds_on_meta():
         for size in spec.sizes:
             with torch.device("meta"):
                 model = build_model(family, size)
-            assert isinstance(model, GenerativeModel) and model.num_params() > 0
+            assert isinstance(model, TrainableModel) and model.num_params() > 0
 
 
 def test_size_names_are_case_insensitive():

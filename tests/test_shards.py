@@ -157,5 +157,5 @@ def test_a_manifest_with_an_unknown_column_kind_is_refused(tmp_path):
     manifest = json.loads((root / "manifest.json").read_text())
     manifest["columns"]["tokens"]["kind"] = "voxels"
     (root / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="must declare exactly one ids or latents column"):
+    with pytest.raises(DataError, match=r"must declare exactly one data column \(ids or latents or images\)"):
         shards.read_manifest(root)

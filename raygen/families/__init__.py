@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib
 import os
 
-from raygen.families.base import DataInfo, Family, NoKnobs, Prepared
+from raygen.families.base import DATA_KINDS, DataInfo, Family, NoKnobs, Prepared
 
 FAMILIES: dict[str, Family] = {}
 _MODULES: dict[str, str] = {}
 BUILTIN = ("raygen.families.ar", "raygen.families.arpg", "raygen.families.nar", "raygen.families.ctf",
-           "raygen.families.emigm")
+           "raygen.families.emigm", "raygen.families.vae")
 
 
 def register(family: Family) -> Family:
@@ -30,8 +30,8 @@ def register(family: Family) -> Family:
     name = family.name
     if name in FAMILIES and type(FAMILIES[name]) is not type(family):
         raise ValueError(f"a family named '{name}' is already registered ({type(FAMILIES[name]).__name__})")
-    if family.data_kind not in ("ids", "latents"):
-        raise ValueError(f"family '{name}': data_kind must be ids or latents, got {family.data_kind!r}")
+    if family.data_kind not in DATA_KINDS:
+        raise ValueError(f"family '{name}': data_kind must be one of {', '.join(DATA_KINDS)}, got {family.data_kind!r}")
     family_spec(name)  # its models are in the model registry
     FAMILIES[name] = family
     _MODULES[name] = type(family).__module__

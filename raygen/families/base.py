@@ -14,6 +14,8 @@ ask it:
     generate(...)             one call of the model's sampler with the common options and the knobs
     load(directory, meta)     how an export is composed (one model, or parts such as two stages)
     can_sample / can_edit     capabilities of a model of this family
+    can_reconstruct           its models are codecs (an autoencoder): reconstruction grids and metrics
+    finalize_export           export fields measured after training (a codec's latent scale)
     add_commands(sub)         extra CLI verbs (`raygen cluster`); add_register_args / compose for
                               exports made of several runs (`raygen models register A --stage2 B`)
 
@@ -37,19 +39,19 @@ from raygen.options import section_from
 if TYPE_CHECKING:  # the config tree imports the families (their sections), not the other way round
     from raygen.config import Config, SampleConfig
 
-DATA_KINDS = ("ids", "latents")
+DATA_KINDS = ("ids", "latents", "images")  # what a data set's one data column can hold
 
 
 @dataclass(frozen=True)
 class DataInfo:
     """What a data set's manifest says about its rows, in the terms families use."""
 
-    kind: str  # "ids" or "latents": the data column's kind
-    column: str  # the data column's name ("tokens" or "latents")
-    grid: tuple[int, int]  # tokens per side (h, w)
+    kind: str  # "ids", "latents" or "images": the data column's kind
+    column: str  # the data column's name ("tokens", "latents" or "images")
+    grid: tuple[int, int]  # tokens per side (h, w); images: pixels per side
     num_classes: int
     vocab_size: int | None = None  # ids: values lie in [0, vocab_size)
-    token_dim: int | None = None  # latents: channels per token
+    token_dim: int | None = None  # latents: channels per token; images: channels per pixel
     side_columns: tuple[str, ...] = ()
 
 
@@ -143,6 +145,16 @@ class Family:
 
     def can_edit(self, meta: dict[str, Any]) -> bool:
         return False
+
+    def can_reconstruct(self, meta: dict[str, Any]) -> bool:
+        """Whether its models are codecs: `model.reconstruct(images)` instead of sampling (the
+        platform logs originals above reconstructions, and reconstruction metrics)."""
+        return False
+
+    def finalize_export(self, model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor) -> dict[str, Any]:
+        """Fields to update in a finished run's export config.json, measured on up to a few
+        hundred of the data set's rows `images` (a codec's latent scale); none by default."""
+        return {}
 
     # --- exports --------------------------------------------------------------------------
     def load(self, directory: Path, meta: dict[str, Any], device: str | torch.device) -> GenerativeModel:

@@ -1,7 +1,10 @@
-"""The model contract every generator family follows, so the training loop stays family-agnostic.
+"""The model contract every family follows, so the training loop stays family-agnostic.
 
-A family is a `GenerativeModel` subclass plus a dataclass config (a `ModelConfig`) and a dict
-of named sizes; `FamilySpec` bundles the three for `raygen.models.registry`.
+A family is a model class plus a dataclass config and a dict of named sizes; `FamilySpec`
+bundles the three for `raygen.models.registry`. The training loop drives a `TrainableModel`
+(forward -> losses, optimizer groups, cost, and optionally a critic trained beside it with
+its own optimizer, as a GAN discriminator is); a generator family's model is a
+`GenerativeModel`, a TrainableModel that also samples, configured by a `ModelConfig`.
 
     out = model({"tokens": (B, N) ids, "label": (B,) ids}, generator=g)  # {"loss", "acc", ...}
     ids = model.generate(labels, cfg_scale=2.0, temperature=1.0, generator=g)  # (B, G, G)
@@ -44,7 +47,80 @@ class ModelConfig:
         return self.grid_size**2
 
 
-class GenerativeModel(nn.Module, ABC):
+class TrainableModel(nn.Module, ABC):
+    """What the training loop drives: forward -> {"loss", detached scalar metrics}, AdamW groups, cost."""
+
+    config: Any
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor], *, generator: torch.Generator | None = None,
+                **kw: Any) -> dict[str, torch.Tensor]:
+        """batch (the data column and "label") -> {"loss": scalar, extra detached scalars}.
+
+        `generator` drives every random choice in forward except nn.Dropout; it must live on
+        the model's device. Every extra 0-d entry is averaged over the log window and logged
+        as train/<key>.
+        """
+
+    @abstractmethod
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per sample (forward + backward)."""
+
+    # --- a critic trained beside the model (a GAN discriminator) ---------------------------
+    def make_critic(self) -> nn.Module | None:
+        """A second module with its own optimizer, or None (the default: no critic).
+
+        When a model has one, from optimizer step `critic_start` on the loop passes it to
+        forward as `critic=` (frozen: the model's loss flows through it, its weights get no
+        gradient), and forward returns "critic_batch": the detached tensors the critic's own
+        forward takes, returning {"loss", extra detached scalars} for its optimizer.
+        """
+        return None
+
+    @property
+    def critic_start(self) -> int:
+        """The optimizer step from which the critic trains and the model's loss uses it."""
+        return 0
+
+    # --- optimiser, size and cost ---------------------------------------------------------
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups (nanoGPT rule): decay every >=2-D weight (embeddings too), not norms or biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count; non_embedding leaves out nn.Embedding tables (lookups, no FLOPs)."""
+        total = sum(_numel(p) for p in self.parameters())
+        if non_embedding:
+            tables = {id(m.weight): _numel(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+            total -= sum(tables.values())
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Switch to eval mode for the block and restore the previous train/eval mode after."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def check_generator(self, generator: torch.Generator | None) -> None:
+        """Fail early, with a clear message, when the generator lives on another device."""
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {self.device}; create it there")
+
+
+
+class GenerativeModel(TrainableModel):
     """A class-conditional token generator: forward -> losses, generate -> token grids."""
 
     config: ModelConfig
@@ -71,23 +147,6 @@ class GenerativeModel(nn.Module, ABC):
         wrapped in `sampling_entry` too, which builds the typed `opts` from them.
         """
 
-    # --- optimiser, size and cost ---------------------------------------------------------
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups (nanoGPT rule): decay every >=2-D weight (embeddings too), not norms or biases."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count; non_embedding leaves out nn.Embedding tables (lookups, no FLOPs)."""
-        total = sum(_numel(p) for p in self.parameters())
-        if non_embedding:
-            tables = {id(m.weight): _numel(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
-            total -= sum(tables.values())
-        return total
-
     def flops_per_sample(self) -> float:
         """Training FLOPs per sample (forward + backward), the nanoGPT/PaLM estimate.
 
@@ -106,20 +165,6 @@ class GenerativeModel(nn.Module, ABC):
         return float(6 * self.num_params(non_embedding=True) * length + 12 * n_layer * dim * length**2)
 
     # --- helpers for families ----------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """Switch to eval mode for the block and restore the previous train/eval mode after."""
-        was_training = self.training
-        self.eval()
-        try:
-            yield
-        finally:
-            self.train(was_training)
-
     def activation_dtype(self) -> torch.dtype:
         """The dtype activations will have: autocast's when it is on, else the weights'."""
         device_type = self.device.type
@@ -150,11 +195,6 @@ class GenerativeModel(nn.Module, ABC):
         """A training batch -> its tokens (B, N) int64 (see check_tokens) and labels (B,) int64."""
         return self.check_tokens(batch["tokens"]), batch["label"].long().reshape(-1)
 
-    def check_generator(self, generator: torch.Generator | None) -> None:
-        """Fail early, with a clear message, when the generator lives on another device."""
-        if generator is not None and generator.device.type != self.device.type:
-            raise ValueError(f"generator is on {generator.device}, the model on {self.device}; create it there")
-
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Logits (B, N, V), target ids (B, N) -> {"loss": mean cross-entropy, "acc": detached argmax accuracy}."""
@@ -178,6 +218,6 @@ class FamilySpec:
     """
 
     family: str
-    model_cls: Callable[[Any], GenerativeModel]
-    config_cls: type[ModelConfig]
-    sizes: dict[str, ModelConfig]
+    model_cls: Callable[[Any], TrainableModel]
+    config_cls: type
+    sizes: dict[str, Any]

@@ -16,9 +16,10 @@ from typing import Any
 
 from raygen.models.ar import AR_FAMILY
 from raygen.models.arpg import ARPG_FAMILY
-from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.base import FamilySpec, TrainableModel
 from raygen.models.ctf import CTF_FAMILY
 from raygen.models.emigm import EMIGM_FAMILY
+from raygen.models.klvae import KLVAE_FAMILY
 from raygen.models.nar import NAR_FAMILY
 
 MODEL_REGISTRY: dict[str, FamilySpec] = {}
@@ -58,7 +59,7 @@ def size_name(family: str, size: str) -> str:
     return name
 
 
-def model_config(family: str, size: str, **overrides: Any) -> ModelConfig:
+def model_config(family: str, size: str, **overrides: Any) -> Any:
     """A fresh config of family/size with fields replaced by overrides (validated again)."""
     spec = family_spec(family)
     base = spec.sizes[size_name(family, size)]
@@ -71,7 +72,7 @@ def model_config(family: str, size: str, **overrides: Any) -> ModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def build_model(family: str, size: str, **overrides: Any) -> GenerativeModel:
+def build_model(family: str, size: str, **overrides: Any) -> TrainableModel:
     """Build family/size with overrides; works under `with torch.device("meta"):`."""
     return family_spec(family).model_cls(model_config(family, size, **overrides))
 
@@ -83,6 +84,7 @@ register_family(ARPG_FAMILY)
 register_family(NAR_FAMILY)
 register_family(CTF_FAMILY)
 register_family(EMIGM_FAMILY)
+register_family(KLVAE_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of
@@ -117,4 +119,6 @@ PAPER_PARAMS: dict[tuple[str, str], int] = {
     ("emigm", "B"): 207_924_000,
     ("emigm", "L"): 478_325_280,
     ("emigm", "H"): 942_401_824,
+    # vae: MAR's KL-16 autoencoder, every value of the official kl16.ckpt (the critic is separate)
+    ("vae", "kl16"): 66_456_019,
 }

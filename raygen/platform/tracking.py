@@ -230,20 +230,22 @@ def show_model(uri: str, name: str) -> dict[str, Any]:
     return {"name": name, "versions": versions}
 
 
-def resolve_model(uri: str, model: str) -> tuple[Path, str | None]:
+def resolve_model(uri: str, model: str, dst: str | Path | None = None) -> tuple[Path, str | None]:
     """A model reference -> (local directory with model.pt + config.json, run id or None).
 
     Accepts models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/path] or a local directory.
+    Artifacts that are not already local files are downloaded into `dst` (a temporary
+    directory when None).
     """
     if model.startswith("models:/"):
         mv = registered_version(uri, model)
-        return _download(uri, mv.source), mv.run_id
+        return _download(uri, mv.source, dst), mv.run_id
     if model.startswith("runs:/"):
         parts = model[len("runs:/") :].strip("/").split("/", 1)
         run_id = parts[0]
         sub = parts[1] if len(parts) > 1 else MODEL_ARTIFACT
         run = get_run(uri, run_id)
-        return _download(uri, f"{run.info.artifact_uri.rstrip('/')}/{sub}"), run_id
+        return _download(uri, f"{run.info.artifact_uri.rstrip('/')}/{sub}", dst), run_id
     local = Path(model)
     if local.is_dir():
         if not (local / "config.json").is_file() or not ((local / "model.pt").is_file() or (local / "stage1").is_dir()):
@@ -295,14 +297,18 @@ def read_artifact_text(uri: str, run_id: str, path: str) -> str:
     return Path(local).read_text()
 
 
-def _download(uri: str, artifact_uri: str) -> Path:
+def _download(uri: str, artifact_uri: str, dst: str | Path | None = None) -> Path:
     import mlflow
 
     if artifact_uri.startswith("file://"):
         local = Path(artifact_uri[len("file://") :])
         if local.is_dir():
             return local
-    dst = tempfile.mkdtemp(prefix="raygen-model-")
+    if dst is None:
+        dst = tempfile.mkdtemp(prefix="raygen-model-")
+    else:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        dst = str(dst)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=dst, tracking_uri=uri))
     except Exception as e:  # noqa: BLE001

@@ -26,7 +26,7 @@ class Codec(nn.Module, ABC):
     """Images (B, H, W, C) uint8 <-> one token per grid cell (ids or latents, by subclass)."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "ids" or "latents": what encode() returns
+    kind: ClassVar[str]  # "ids", "latents" or "images": what encode() returns
     config_cls: ClassVar[type]  # the codec's config section (tokenizer.<name>)
 
     def __init__(self, config: Any, *, image_size: int, channels: int):
@@ -52,6 +52,12 @@ class Codec(nn.Module, ABC):
     def downsample_of(cls, section: Any) -> int:
         """Pixels per token side of the codec a config section describes (no weights loaded)."""
         return section.patch
+
+    @classmethod
+    def image_size_of(cls, section: Any) -> int | None:
+        """The image side a config section fixes (a trained codec's), or None (any multiple of
+        the downsampling factor)."""
+        return None
 
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Codec":
@@ -169,3 +175,8 @@ class LatentCodec(Codec):
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
+
+
+def psnr(mse: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2) from their per-image MSE (B,)."""
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))

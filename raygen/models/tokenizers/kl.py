@@ -257,10 +257,34 @@ class KLAutoencoder(nn.Module):
 # --- checkpoints ------------------------------------------------------------------------------
 
 
+EXPORT_PREFIX = "autoencoder."  # a raygen `vae` run's export holds the autoencoder under this prefix
+
+
+def is_export(path: str | os.PathLike[str]) -> bool:
+    """A raygen export directory (config.json + model.pt), e.g. of a `vae` training run."""
+    return os.path.isdir(path) and all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.pt"))
+
+
+def export_config(path: str | os.PathLike[str]) -> KLConfig:
+    """The autoencoder architecture a `vae` run's export directory records (its config.json)."""
+    import json
+
+    with open(os.path.join(path, "config.json")) as f:
+        meta = json.load(f)
+    if meta.get("family") != "vae":
+        raise ValueError(f"{path} is an export of family {meta.get('family')!r}, not of a vae (KL autoencoder) run")
+    fields = {f.name for f in dataclasses.fields(KLConfig)}
+    return KLConfig(**{k: v for k, v in meta["model_config"].items() if k in fields})
+
+
 def load_kl_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a KL checkpoint with `weights_only=True`: MAR's `{"model": state_dict}` (its
-    `init_from_ckpt` reads `["model"]`), an LDM-style `{"state_dict": ...}`, or a bare state dict."""
+    `init_from_ckpt` reads `["model"]`), an LDM-style `{"state_dict": ...}`, a bare state dict,
+    or a raygen `vae` run's export directory (its model.pt, the autoencoder's keys unprefixed)."""
     path = os.fspath(path)
+    if is_export(path):
+        sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+        return {k[len(EXPORT_PREFIX):]: v for k, v in sd.items() if k.startswith(EXPORT_PREFIX)}
     if not os.path.isfile(path):
         raise FileNotFoundError(f"KL autoencoder checkpoint not found: {path}")
     try:
@@ -310,7 +334,9 @@ class KLCodecConfig:
 
     size: str = field(default="kl16", metadata={"help": "a named architecture: kl16 (MAR's KL-16) or debug (digits)"})
     checkpoint: str | None = field(default=None, metadata={
-        "help": "local path of an official-format checkpoint (never downloaded); null = random weights from seed",
+        "help": "the weights: a local official-format checkpoint (never downloaded), a raygen vae run's export "
+                "directory, or models:/NAME@ALIAS (a registered vae run; its architecture replaces `size`); "
+                "null = random weights from seed",
         "path": True})
     seed: int = field(default=0, metadata={"help": "weights' seed when there is no checkpoint"})
 
@@ -370,12 +396,26 @@ class KLTokenizer(LatentCodec):
 
     @classmethod
     def downsample_of(cls, section: KLCodecConfig) -> int:
+        if section.checkpoint is not None and is_export(section.checkpoint):
+            return export_config(section.checkpoint).downsample
         return KL_SIZES[section.size].downsample
 
     @classmethod
+    def image_size_of(cls, section: KLCodecConfig) -> int | None:
+        if section.checkpoint is not None and is_export(section.checkpoint):
+            return export_config(section.checkpoint).image_size
+        return None
+
+    @classmethod
     def from_config(cls, section: KLCodecConfig, *, image_size: int, channels: int, fit_images=None) -> KLTokenizer:
-        return cls(kl_config_at(section.size, image_size), channels=channels, checkpoint=section.checkpoint,
-                   seed=section.seed)
+        if section.checkpoint is not None and is_export(section.checkpoint):
+            config = export_config(section.checkpoint)  # a trained autoencoder: its own architecture
+            if image_size != config.image_size:
+                raise ValueError(f"the autoencoder in {section.checkpoint} was trained on {config.image_size} px "
+                                 f"images; set data.image_size={config.image_size}")
+        else:
+            config = kl_config_at(section.size, image_size)
+        return cls(config, channels=channels, checkpoint=section.checkpoint, seed=section.seed)
 
     # --- what a model needs to know ---------------------------------------------------------
     @property
@@ -456,5 +496,7 @@ __all__ = [
     "KLConfig",
     "KLTokenizer",
     "check_kl_state_dict",
+    "export_config",
+    "is_export",
     "load_kl_state_dict",
 ]

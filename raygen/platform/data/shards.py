@@ -9,6 +9,8 @@ grid, classes, row counts and checksums, skipped inputs, and the declared column
     "columns": {"tokens":  {"kind": "ids", "dtype": "int32", "shape": [256], "vocab_size": 16384}}
     "columns": {"latents": {"kind": "latents", "dtype": "float16", "shape": [256, 16], "scale": 0.2325}}
 
+    "columns": {"images":  {"kind": "images", "dtype": "uint8", "shape": [16, 16, 1]}}
+
 plus optional side columns ({"kind": "side", ...}, e.g. a grain map). Every row also has
 `label` (int32) and `index` (int64, the source row). Each data column is a fixed-size list
 of its dtype holding prod(shape) values in row-major order. Schema version 1 (ids only, no
@@ -32,13 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raygen.errors import DataError
-from raygen.families.base import DataInfo
+from raygen.families.base import DATA_KINDS, DataInfo
 
 MANIFEST = "manifest.json"
 SCHEMA_VERSION = 2
 READS = (1, 2)  # schema versions this raygen reads
 SHARD_GLOB = "shard-*.parquet"
-COLUMN_KINDS = ("ids", "latents", "side")
+COLUMN_KINDS = (*DATA_KINDS, "side")
 DTYPES = {"int32": pa.int32(), "int8": pa.int8(), "uint8": pa.uint8(), "float16": pa.float16(),
           "float32": pa.float32()}
 
@@ -48,9 +50,9 @@ class Column:
     """One declared data column: its kind, storage dtype and per-row shape (+ vocab or scale)."""
 
     name: str
-    kind: str  # ids | latents | side
+    kind: str  # ids | latents | images | side
     dtype: str  # a key of DTYPES
-    shape: tuple[int, ...]  # per row; ids: (h*w,), latents: (L, D)
+    shape: tuple[int, ...]  # per row; ids: (h*w,), latents: (L, D), images: (H, W, C)
     vocab_size: int | None = None  # ids
     scale: float | None = None  # latents: the codec's latent scale
 
@@ -83,7 +85,7 @@ def columns(manifest: dict[str, Any]) -> list[Column]:
 
 
 def data_column(manifest: dict[str, Any]) -> Column:
-    """The one ids or latents column of a data set."""
+    """The one ids, latents or images column of a data set."""
     return next(c for c in columns(manifest) if c.kind != "side")
 
 
@@ -116,9 +118,9 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if version == 1:  # ids only, before columns were declared
         n = int(np.prod(manifest["grid"]))
         manifest["columns"] = {"tokens": Column("tokens", "ids", "int32", (n,), manifest["vocab_size"]).to_json()}
-    data = [c for c in manifest.get("columns", {}).values() if c.get("kind") in ("ids", "latents")]
+    data = [c for c in manifest.get("columns", {}).values() if c.get("kind") in DATA_KINDS]
     if len(data) != 1:
-        raise DataError(f"'{path}' must declare exactly one ids or latents column, got {len(data)}")
+        raise DataError(f"'{path}' must declare exactly one data column ({' or '.join(DATA_KINDS)}), got {len(data)}")
     return manifest
 
 
@@ -126,12 +128,27 @@ def data_info(manifest: dict[str, Any]) -> DataInfo:
     """The manifest in the terms a family plugin reads (kind, grid, classes, vocab or width)."""
     col = data_column(manifest)
     return DataInfo(kind=col.kind, column=col.name, grid=tuple(manifest["grid"]), num_classes=manifest["num_classes"],
-                    vocab_size=col.vocab_size, token_dim=col.shape[-1] if col.kind == "latents" else None,
+                    vocab_size=col.vocab_size, token_dim=col.shape[-1] if col.kind != "ids" else None,
                     side_columns=tuple(c.name for c in columns(manifest) if c.kind == "side"))
 
 
 def shard_paths(root: str | Path, manifest: dict[str, Any]) -> list[str]:
     return [str(Path(root) / s["file"]) for s in manifest["shards"]]
+
+
+def read_rows(root: str | Path, manifest: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n rows of the data column (n, *shape) in its stored dtype, and their labels (n,)."""
+    col = data_column(manifest)
+    values, labels, have = [], [], 0
+    for s in manifest["shards"]:
+        if have >= n:
+            break
+        table = pq.read_table(Path(root) / s["file"], columns=[col.name, "label"]).slice(0, n - have)
+        values.append(table.column(col.name).combine_chunks().flatten().to_numpy(zero_copy_only=False))
+        labels.append(table.column("label").to_numpy())
+        have += table.num_rows
+    flat = np.concatenate(values) if values else np.zeros(0, np.dtype(col.dtype))
+    return flat.reshape(-1, *col.shape), np.concatenate(labels) if labels else np.zeros(0, np.int32)
 
 
 # --------------------------------------------------------------------------------------

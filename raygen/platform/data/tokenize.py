@@ -34,6 +34,8 @@ class TokenizePlan:
     channels: int
     out: Path
     request: dict[str, Any]
+    section: Any  # the codec's config section, a registry reference resolved to local weights
+    registry: dict[str, Any] | None = None  # where those weights came from: reference, name, version, run
 
 
 @dataclass
@@ -49,11 +51,24 @@ def codec_section(cfg: TokenizerConfig) -> Any:
     return getattr(cfg, cfg.name)
 
 
-def tokenizer_downsample(cfg: TokenizerConfig) -> int:
-    """Pixels per token side of the configured codec (computed from its config, no weights)."""
-    from raygen.models.tokenizers import CODECS
+def resolve_weights(cfg: Config) -> tuple[Any, dict[str, Any] | None]:
+    """The codec's section with a registered model as its checkpoint (models:/NAME@ALIAS,
+    models:/NAME/VERSION, runs:/ID) replaced by the local export it resolves to, and a record of
+    what it resolved to (for the manifest); other sections unchanged, and None."""
+    import dataclasses
 
-    return CODECS[cfg.name].downsample_of(codec_section(cfg))
+    section = codec_section(cfg.tokenizer)
+    ref = getattr(section, "checkpoint", None)
+    if not (isinstance(ref, str) and ref.startswith(("models:/", "runs:/"))):
+        return section, None
+    from raygen.platform import tracking
+
+    uri = tracking.tracking_uri(cfg.workdir, cfg.tracking.uri)
+    version = tracking.model_version(uri, ref)  # (name, version) for models:/ references
+    cache = Path(cfg.workdir) / "cache" / "models" / (f"{version[0]}-v{version[1]}" if version else ref.split("/")[-1])
+    local, run_id = tracking.resolve_model(uri, ref, dst=cache)
+    registry = {"reference": ref, "run_id": run_id, **({"name": version[0], "version": version[1]} if version else {})}
+    return dataclasses.replace(section, checkpoint=str(local)), registry
 
 
 def data_dir_of(cfg: Config) -> str:
@@ -63,10 +78,16 @@ def data_dir_of(cfg: Config) -> str:
 
 def plan(cfg: Config) -> TokenizePlan:
     """Resolve sizes and the output directory, and list the source (driver only, cheap)."""
+    from raygen.models.tokenizers import CODECS
+
     source = open_source(cfg.data.source, cfg.data.path)
     channels = cfg.data.channels or source.native_channels
-    down = tokenizer_downsample(cfg.tokenizer)
-    image_size = cfg.data.image_size or GRID * down
+    section, registry = resolve_weights(cfg)
+    try:
+        down = CODECS[cfg.tokenizer.name].downsample_of(section)
+    except ValueError as e:
+        raise ConfigError(f"tokenizer.{cfg.tokenizer.name}: {str(e).splitlines()[0]}") from None
+    image_size = cfg.data.image_size or CODECS[cfg.tokenizer.name].image_size_of(section) or GRID * down
     if image_size % down:
         raise ConfigError(
             f"bad value for 'data.image_size': {image_size}; the {cfg.tokenizer.name} tokenizer needs a multiple of {down}"
@@ -84,15 +105,15 @@ def plan(cfg: Config) -> TokenizePlan:
             "on_bad_input": cfg.data.on_bad_input,
         },
         "rows_per_shard": cfg.data.rows_per_shard,
-        "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg)},
+        "tokenizer": {"name": cfg.tokenizer.name, "config": _jsonable(tok_cfg),
+                      **({"registry": registry} if registry else {})},
     }
-    from raygen.models.tokenizers import CODECS
 
     if CODECS[cfg.tokenizer.name].kind == "latents":
         request["latent_dtype"] = cfg.tokenizer.latent_dtype
     if cfg.tokenizer.name == "palette" and tok_cfg.patch == 1:  # as before patches existed: same request
         del request["tokenizer"]["config"]["patch"]
-    return TokenizePlan(source, image_size, channels, out.resolve(), request)
+    return TokenizePlan(source, image_size, channels, out.resolve(), request, section, registry)
 
 
 def _jsonable(dc: Any) -> dict[str, Any]:
@@ -122,7 +143,7 @@ def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Code
 
     name = cfg.tokenizer.name
     try:
-        return CODECS[name].from_config(codec_section(cfg.tokenizer), image_size=p.image_size, channels=p.channels,
+        return CODECS[name].from_config(p.section, image_size=p.image_size, channels=p.channels,
                                         fit_images=fit_images)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"tokenizer.{name}: {str(e).splitlines()[0]}") from None
@@ -132,6 +153,8 @@ def column_of(tok: Codec, latent_dtype: str) -> shards.Column:
     """The data column a codec's output is stored in."""
     if tok.kind == "ids":
         return shards.Column("tokens", "ids", "int32", (int(np.prod(tok.grid)),), vocab_size=tok.vocab_size)
+    if tok.kind == "images":
+        return shards.Column("images", "images", "uint8", tuple(tok.image_shape))
     return shards.Column("latents", "latents", latent_dtype, tuple(tok.latent_shape), scale=float(tok.scale))
 
 
@@ -214,7 +237,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
             "created": shards.now_iso(),
             "request": p.request,
             "source": {**p.request["source"], "rows": p.source.rows},
-            "tokenizer": {**spec, "fingerprint": fingerprint},
+            "tokenizer": {**spec, "fingerprint": fingerprint, **({"registry": p.registry} if p.registry else {})},
             "grid": list(tok.grid),
             **({"vocab_size": tok.vocab_size} if tok.kind == "ids" else {}),
             "num_classes": p.source.num_classes,

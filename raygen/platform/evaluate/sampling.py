@@ -104,6 +104,13 @@ def grid_image(images: torch.Tensor, rows: int, scale: int | None = None):
     return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
 
 
+def reconstruction_grid(model, images: np.ndarray | torch.Tensor):
+    """Originals (a row of uint8 (B, H, W, C) images) above the codec model's reconstructions."""
+    images = torch.as_tensor(images)
+    recon = model.reconstruct(images)  # (B, H, W, C) uint8
+    return grid_image(torch.cat([images, recon.to(images.dtype)]), rows=2)
+
+
 def sample_grid(model, meta: dict[str, Any], sample: SampleConfig, out: str | Path | None,
                 device: str | torch.device = "cpu") -> dict[str, Any]:
     """Draw sample.per_label samples of each requested class; one row per class; optional PNG."""

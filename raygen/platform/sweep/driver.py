@@ -132,7 +132,7 @@ def _absolute_paths(cfg: Config) -> Config:
     values: dict[str, Any] = {"workdir": str(Path(cfg.workdir).resolve())}
     flat = cfg.flat()
     for key in path_keys(cfg):
-        if flat.get(key):
+        if flat.get(key) and ":/" not in str(flat[key]):  # not a models:/ or runs:/ reference
             values[key] = str(Path(flat[key]).expanduser().resolve())
     return load_config(None, [], base=cfg, **values)
 

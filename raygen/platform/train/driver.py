@@ -36,6 +36,8 @@ from raygen.platform.devices import peak_flops, peak_memory_gb
 from raygen.platform.train.loop import EMA, BatchChecker, LoopHooks, TrainState, run_steps
 
 MATERIALIZE_BELOW_BYTES = 256 * 2**20
+PREVIEW_IMAGES = 16  # the first rows of the data set, reconstructed at sample steps (codec families)
+COLUMN_DTYPES = {"ids": torch.long, "latents": torch.float32, "images": torch.uint8}  # as the model gets them
 ABORT_TAG = "raygen.abort"
 
 # --------------------------------------------------------------------------------------
@@ -196,11 +198,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     engine = DeepSpeedEngine(model, optimizer, plan.ds_config)
+    critic = None
+    critic_module = model.make_critic()
+    if critic_module is not None:  # e.g. a GAN discriminator: its own optimizer and engine
+        critic_module = critic_module.to(device)
+        critic_opt = torch.optim.AdamW(critic_module.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
+                                       fused=device.type == "cuda")
+        critic = DeepSpeedEngine(critic_module, critic_opt, plan.ds_config, name="ds_critic")
     state = TrainState(torch.Generator(device=device).manual_seed(cfg.seed * 9973 + rank))
     if t.ema:
         with engine.full_params():  # under ZeRO-3 each rank holds only a partition otherwise
             state.ema = EMA(engine.module, t.ema)
-    checkpointer = Checkpointer(engine, state, rank, setup.export_meta)
+    checkpointer = Checkpointer(engine, state, rank, setup.export_meta, critic)
     restored = checkpointer.restore(ray.train.get_checkpoint())
 
     tracker = MlflowTracker(setup.tracking_uri, setup.run_id) if rank == 0 else NullTracker()
@@ -210,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def epoch_batches(epoch: int):
         batches = shard.iter_torch_batches(
             batch_size=plan.micro_batch, drop_last=True,
-            dtypes={plan.column["name"]: torch.long if plan.column["kind"] == "ids" else torch.float32,
+            dtypes={plan.column["name"]: COLUMN_DTYPES[plan.column["kind"]],
                     "label": torch.long, "index": torch.long},
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
@@ -233,20 +242,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks = LoopHooks(
         reduce=lambda v: _all_reduce(v, device), any_rank=lambda flag: _all_reduce([float(flag)], device, "max")[0] > 0,
         on_log=on_log, on_abort=on_abort,
-        on_sample=lambda step: _log_samples(cfg, setup.export_meta, engine, device, step, tracker, rank),
+        on_sample=lambda step: _log_samples(cfg, setup.export_meta, engine, device, step, tracker, rank, plan),
         on_checkpoint=lambda step, metrics: checkpointer.save(step == t.steps, metrics),
         fail_at_step=t.fail_at_step if not restored and rank == world - 1 else None, world=world,
         peak_flops=peak_flops(device, plan.precision), extra_metrics=lambda: {"mem/peak_gb": peak_memory_gb(device)[0]},
     )
-    run_steps(engine, state, epoch_batches, t, hooks)
+    run_steps(engine, state, epoch_batches, t, hooks, critic=critic)
 
 
 class Checkpointer:
-    """Every rank's DeepSpeed shard + the loop state + its RNG, reported to Ray Train; the last
-    checkpoint also holds the consolidated export (rank 0 writes it)."""
+    """Every rank's DeepSpeed shard (and its critic's) + the loop state + its RNG, reported to Ray
+    Train; the last checkpoint also holds the consolidated export (rank 0 writes it)."""
 
-    def __init__(self, engine, state: TrainState, rank: int, export_meta: dict[str, Any]):
+    def __init__(self, engine, state: TrainState, rank: int, export_meta: dict[str, Any], critic=None):
         self.engine, self.state, self.rank, self.export_meta = engine, state, rank, export_meta
+        self.critic = critic
 
     def restore(self, checkpoint) -> bool:
         """Load the latest checkpoint Ray Train hands a (re)started worker; False when there is none."""
@@ -256,6 +266,8 @@ class Checkpointer:
 
         with checkpoint.as_directory() as d:
             client_state = self.engine.load(d)
+            if self.critic is not None:
+                self.critic.load(d)
             rng_file = Path(d) / "rng" / f"rank{self.rank}.pt"
             rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
             self.state.restore(client_state, rng)
@@ -272,6 +284,8 @@ class Checkpointer:
         state = self.state
         with tempfile.TemporaryDirectory() as tmp:
             self.engine.save(tmp, state.client_state())
+            if self.critic is not None:
+                self.critic.save(tmp, {})
             (Path(tmp) / "rng").mkdir()
             torch.save(state.rng_state(), Path(tmp) / "rng" / f"rank{self.rank}.pt")
             if final:
@@ -284,12 +298,26 @@ class Checkpointer:
                              checkpoint_dir_name=f"step_{state.step:08d}")
 
 
-def _log_samples(cfg: Config, meta: dict[str, Any], engine, device, step: int, tracker, rank: int) -> None:
-    """A fixed-seed grid from the live weights; every rank generates (ZeRO-3 gathers collectively)."""
+def _log_samples(cfg: Config, meta: dict[str, Any], engine, device, step: int, tracker, rank: int,
+                 plan: TrainPlan) -> None:
+    """A fixed-seed grid from the live weights (or, for a codec, originals above their
+    reconstructions); every rank runs the model (ZeRO-3 gathers collectively)."""
     from raygen.config import parse_labels
-    from raygen.platform.evaluate.sampling import decode, generate, grid_image
+    from raygen.platform.evaluate.sampling import decode, generate, grid_image, reconstruction_grid
 
-    if not families.get(meta["family"]).can_sample(meta):
+    family = families.get(meta["family"])
+    if family.can_reconstruct(meta):
+        images, _ = shards.read_rows(plan.data_dir, plan.manifest, PREVIEW_IMAGES)
+        with engine.full_params():
+            grid = reconstruction_grid(engine.module, images)
+        engine.module.train()
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / f"reconstructions_step{step:08d}.png"
+                grid.save(path)
+                tracker.log_artifact(path, "reconstructions")
+        return
+    if not family.can_sample(meta):
         return
     sample = dataclasses.replace(cfg.sample, per_label=min(cfg.sample.per_label, 4))
     classes = parse_labels(sample.labels, meta["data"]["num_classes"])[:10]
@@ -434,8 +462,12 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         import shutil
 
         shutil.copytree(src, export_dir, dirs_exist_ok=True)
-    tracking.log_artifact(uri, run_id, export_dir, tracking.MODEL_ARTIFACT)
-    final_metrics = finish_with_samples(cfg, uri, run_id, export_dir)
+    if plan.plugin.can_reconstruct(export_meta(cfg, plan, run_id)):  # a codec: measured before it is logged
+        final_metrics = finish_with_reconstructions(cfg, uri, run_id, export_dir, plan)
+        tracking.log_artifact(uri, run_id, export_dir, tracking.MODEL_ARTIFACT)
+    else:
+        tracking.log_artifact(uri, run_id, export_dir, tracking.MODEL_ARTIFACT)
+        final_metrics = finish_with_samples(cfg, uri, run_id, export_dir)
     tracking.set_terminated(uri, run_id, "FINISHED")
     return TrainResult(run_id, uri, export_dir, int(metrics.get("step", cfg.train.steps)),
                        {**metrics, **final_metrics}, time.time() - t0)
@@ -458,6 +490,42 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")
         out["eval/class_acc"] = class_accuracy(clf, s["images"], s["labels"])
         tracking.log_metrics(uri, run_id, out, cfg.train.steps)
+    return out
+
+
+def finish_with_reconstructions(cfg: Config, uri: str, run_id: str, export_dir: Path, plan: TrainPlan,
+                                n: int = 512) -> dict[str, float]:
+    """A codec run's end: the family's export fields measured on the data (its latent scale), then
+    reconstruction metrics on the data set's first `n` rows (eval/psnr, eval/l1; on digits also
+    the classifier's accuracy on the reconstructions and FD-digits to the originals) and a grid."""
+    from raygen.models.tokenizers.base import psnr
+    from raygen.platform import tracking
+    from raygen.platform.evaluate.sampling import is_digits, load_export, read_export_meta, reconstruction_grid
+    from raygen.platform.evaluate.sampling import write_export_meta
+
+    model, meta = load_export(export_dir)
+    images, labels = (torch.from_numpy(a) for a in shards.read_rows(plan.data_dir, plan.manifest, n))
+    updates = families.get(meta["family"]).finalize_export(model, meta, images)
+    if updates:
+        meta = {**read_export_meta(export_dir), **updates}
+        write_export_meta(export_dir, {k: v for k, v in meta.items() if k != "format"})
+    recon = torch.cat([model.reconstruct(images[i : i + 64]) for i in range(0, len(images), 64)])
+    x, y = images.float() / 127.5 - 1, recon.float() / 127.5 - 1  # [-1, 1]
+    mse = (x - y).pow(2).flatten(1).mean(dim=1)  # (N,)
+    out = {"eval/psnr": float(psnr(mse).mean()),
+           "eval/l1": float((x - y).abs().mean())}
+    if is_digits(meta):
+        from raygen.platform.evaluate.digits import class_accuracy, digits_features, load_classifier
+        from raygen.platform.evaluate.metrics import feature_stats, frechet_distance
+
+        clf, _ = load_classifier(Path(cfg.workdir) / "cache")
+        out["eval/class_acc"] = class_accuracy(clf, recon, labels.long())  # legibility of the reconstructions
+        out["eval/fd_digits"] = frechet_distance(*feature_stats(digits_features(clf, images)[0]),
+                                                 *feature_stats(digits_features(clf, recon)[0]))
+    png = export_dir.parent / f"{export_dir.name}-reconstructions.png"
+    reconstruction_grid(model, images[:PREVIEW_IMAGES]).save(png)
+    tracking.log_artifact(uri, run_id, png, "reconstructions")
+    tracking.log_metrics(uri, run_id, out, cfg.train.steps)
     return out
 
 

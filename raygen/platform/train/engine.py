@@ -4,7 +4,9 @@
 accumulation x world = global batch, checked; ZeRO stage; clipping; bf16 on GPU, fp32 on
 CPU; the user's raw `train.ds_config` merged last). `DeepSpeedEngine` wraps
 `deepspeed.initialize`; `TorchEngine` is the same interface in plain torch for a single
-process (unit tests and the benchmark baseline).
+process (unit tests and the benchmark baseline). A model with a critic (a GAN discriminator)
+trains with two engines side by side, each with its own optimizer and checkpoint directory
+(`name`), under any ZeRO stage.
 """
 
 from __future__ import annotations
@@ -151,8 +153,9 @@ class TorchEngine(Engine):
     """Plain single-process torch with the same interface (tests, the benchmark baseline)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, accumulation: int = 1,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, name: str = "torch_engine"):
         self.module, self.optimizer, self.accumulation, self.grad_clip = model, optimizer, accumulation, grad_clip
+        self.name = name  # its file in a checkpoint directory
         self.micro_steps = 0
         self.global_steps = 0
         self._norm: float | None = None
@@ -182,10 +185,10 @@ class TorchEngine(Engine):
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "global_steps": self.global_steps, "client_state": client_state},
-                   Path(directory) / "torch_engine.pt")
+                   Path(directory) / f"{self.name}.pt")
 
     def load(self, directory):
-        state = torch.load(Path(directory) / "torch_engine.pt", map_location="cpu", weights_only=True)
+        state = torch.load(Path(directory) / f"{self.name}.pt", map_location="cpu", weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.global_steps = state["global_steps"]
@@ -195,9 +198,8 @@ class TorchEngine(Engine):
 class DeepSpeedEngine(Engine):
     """deepspeed.initialize around the model and a client AdamW (no compiled optimizer ops)."""
 
-    DS_DIR = "ds"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any], *,
+                 name: str = "ds"):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -207,6 +209,7 @@ class DeepSpeedEngine(Engine):
         self.module = self.engine.module
         self.accumulation = int(ds_config["gradient_accumulation_steps"])
         self.stage = int(ds_config["zero_optimization"]["stage"])
+        self.name = name  # its directory in a checkpoint
 
     def forward(self, batch, **kw):
         return self.engine(batch, **kw)
@@ -225,10 +228,10 @@ class DeepSpeedEngine(Engine):
 
     def save(self, directory, client_state):
         # Collective: every rank must call it (a rank-0-only save hangs).
-        self.engine.save_checkpoint(str(Path(directory) / self.DS_DIR), tag="state", client_state=client_state)
+        self.engine.save_checkpoint(str(Path(directory) / self.name), tag="state", client_state=client_state)
 
     def load(self, directory):
-        path, client_state = self.engine.load_checkpoint(str(Path(directory) / self.DS_DIR), tag="state")
+        path, client_state = self.engine.load_checkpoint(str(Path(directory) / self.name), tag="state")
         if path is None:
             raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
         return client_state or {}

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,22 +98,37 @@ class TrainState:
 
 @dataclass
 class MetricsWindow:
-    """Loss, data wait and steps since the last log step; `close` turns them into metrics."""
+    """Loss, the model's other scalars, data wait and steps since the last log step; `close`
+    turns them into metrics."""
 
     loss: float = 0.0
     micro_steps: int = 0
     wait_s: float = 0.0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
+    extras: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
+
+    def add(self, out: dict[str, Any]) -> None:
+        """Accumulate a forward's 0-d extras (everything but "loss"), logged as train/<name>."""
+        for name, value in out.items():
+            if name != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                acc = self.extras.setdefault(name, [0.0, 0.0])
+                acc[0] += float(value)
+                acc[1] += 1
 
     def close(self, *, reduce: Callable[[list[float]], list[float]], samples_per_step: int, world: int,
               flops_per_sample: float, peak_flops: float | None) -> dict[str, float]:
-        """Metrics over the window (the loss averaged over every rank's micro steps)."""
-        loss_sum, n = reduce([self.loss, float(self.micro_steps)])
+        """Metrics over the window (the loss and extras averaged over every rank's micro steps)."""
+        names = sorted(self.extras)  # the same on every rank: the same code ran
+        flat = reduce([self.loss, float(self.micro_steps), *(v for n in names for v in self.extras[n])])
+        loss_sum, n = flat[:2]
         elapsed = time.perf_counter() - self.t0
         sps = self.steps * samples_per_step / elapsed
         out = {"train/loss": loss_sum / max(n, 1), "perf/samples_per_s": sps, "perf/data_wait_frac": self.wait_s / elapsed,
                "perf/tflops_per_worker": flops_per_sample * sps / world / 1e12}
+        for i, name in enumerate(names):
+            total, count = flat[2 + 2 * i : 4 + 2 * i]
+            out[f"train/{name}"] = total / max(count, 1)
         if peak_flops:
             out["perf/mfu"] = flops_per_sample * sps / world / peak_flops
         return out
@@ -134,9 +150,27 @@ class LoopHooks:
     extra_metrics: Callable[[], dict[str, float]] = lambda: {}
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[None]:
+    """Inside, `module`'s parameters take no gradient (a loss can still flow through it)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable[dict[str, torch.Tensor]]],
-              t: TrainConfig, hooks: LoopHooks | None = None) -> str:
+              t: TrainConfig, hooks: LoopHooks | None = None, critic=None) -> str:
     """Optimizer steps until t.steps: LR by step, backward, step, EMA, logs, samples, checkpoints.
+
+    `critic` is the engine of the model's critic (`model.make_critic()`), or None. From optimizer
+    step `model.critic_start` on, each micro step runs the model with the critic frozen inside
+    its loss, then the critic on the model's detached "critic_batch" with its own optimizer,
+    at the same learning rate.
 
     Returns "done", or "aborted" when any rank saw a non-finite loss (every rank stops at the
     same step: one scalar all-reduce per optimizer step). A restored state continues its epoch
@@ -160,12 +194,25 @@ def run_steps(engine, state: TrainState, epoch_batches: Callable[[int], Iterable
             window.wait_s += time.perf_counter() - t_wait
             state.batches += 1
             engine.set_lr(lr_at(state.step, t))
-            loss = engine(batch, generator=state.generator)["loss"]
-            engine.backward(loss)
-            loss_value = float(loss.detach())
+            if critic is not None and state.step >= model.critic_start:
+                critic.set_lr(lr_at(state.step, t))
+                with frozen(critic.module):
+                    out = engine(batch, generator=state.generator, critic=critic.module)
+                    engine.backward(out["loss"])
+                critic_out = critic(out.pop("critic_batch"))
+                critic.backward(critic_out["loss"])
+                critic.step()
+                critic_loss = float(critic_out["loss"].detach())
+                bad_loss |= not math.isfinite(critic_loss)
+                window.add({f"critic_{k}": v.detach() for k, v in critic_out.items()})  # train/critic_loss, ...
+            else:
+                out = engine(batch, generator=state.generator)
+                engine.backward(out["loss"])
+            loss_value = float(out["loss"].detach())
             bad_loss |= not math.isfinite(loss_value)
             window.loss += loss_value
             window.micro_steps += 1
+            window.add(out)
             if not engine.step():
                 continue
             state.step += 1
@@ -219,11 +266,13 @@ class BatchChecker:
         values = batch[c.name]  # (B, prod(shape)) on the CPU
         if c.kind == "ids":
             bad = (values < 0) | (values >= c.vocab_size)
-        else:
+        elif c.kind == "latents":
             bad = ~torch.isfinite(values)
+        else:  # images: any uint8 is a pixel
+            bad = torch.zeros_like(values, dtype=torch.bool)
         if bool(bad.any()):
             self._refuse(batch, bad)
-        data = values if c.kind == "ids" else values.reshape(len(values), *c.shape)  # latents (B, L, D)
+        data = values if c.kind == "ids" else values.reshape(len(values), *c.shape)  # (B, L, D) or (B, H, W, C)
         return {"tokens" if c.kind == "ids" else c.name: data.to(device, non_blocking=True),
                 "label": batch["label"].to(device, non_blocking=True)}
 
