@@ -36,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     state = "already up to date" if r.up_to_date else f"written in {r.seconds:.1f} s"
     print(f"{m['rows']} rows in {len(m['shards'])} shards ({state}), {len(m['skipped'])} skipped")
     col = data_column(m)
-    size = f"vocab {col.vocab_size}" if col.kind == "ids" else f"latents {'x'.join(map(str, col.shape))} {col.dtype}"
+    size = f"vocab {col.vocab_size}" if col.kind == "ids" else f"{col.kind} {'x'.join(map(str, col.shape))} {col.dtype}"
     print(f"grid {m['grid'][0]}x{m['grid'][1]}, {size}, {m['num_classes']} classes, "
-          f"codec {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}")
+          f"codec {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}"
+          + (f" (models:/{reg['name']}/{reg['version']})" if (reg := m["tokenizer"].get("registry", {})).get("version")
+             else ""))
     print(f"shards: {r.out}")
     return 0

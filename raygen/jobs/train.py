@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     r = train(cfg, data_dir=data_dir, resume_run=args.resume)
     m = r.metrics
     print(f"run {r.run_id}: {r.steps} steps in {r.seconds:.0f} s, final loss {m.get('train/loss', float('nan')):.4f}"
+          + (f", reconstruction PSNR {m['eval/psnr']:.1f} dB" if "eval/psnr" in m else "")
           + (f", class accuracy {m['eval/class_acc']:.3f}" if "eval/class_acc" in m else ""))
     print(f"tracking: {r.tracking_uri}")
     print(f"register: raygen models register {r.run_id} --name NAME --alias latest")

@@ -522,7 +522,8 @@ def finish_with_reconstructions(cfg: Config, uri: str, run_id: str, export_dir: 
         out["eval/class_acc"] = class_accuracy(clf, recon, labels.long())  # legibility of the reconstructions
         out["eval/fd_digits"] = frechet_distance(*feature_stats(digits_features(clf, images)[0]),
                                                  *feature_stats(digits_features(clf, recon)[0]))
-    png = export_dir.parent / f"{export_dir.name}-reconstructions.png"
+    png = export_dir.parent / f"{export_dir.name}-reconstructions" / f"reconstructions_step{cfg.train.steps:08d}.png"
+    png.parent.mkdir(exist_ok=True)
     reconstruction_grid(model, images[:PREVIEW_IMAGES]).save(png)
     tracking.log_artifact(uri, run_id, png, "reconstructions")
     tracking.log_metrics(uri, run_id, out, cfg.train.steps)
