@@ -66,6 +66,10 @@ class TokenizerConfig:
     pixels: PixelsConfig = option(help="pixels codec options (patches of the image's own pixels)", factory=PixelsConfig)
     kl: KLCodecConfig = option(help="KL autoencoder codec options (MAR's KL-16 format)", factory=KLCodecConfig)
     images: ImagesConfig = option(help="the identity codec (no options)", factory=ImagesConfig)
+    posterior: Literal["mean", "moments", "moments+flip"] = option(
+        "mean", help="what a codec with a posterior (kl) stores per image: its mean, or its moments (mean and "
+                     "log-variance; +flip: also of the horizontally flipped image) so that training draws a fresh "
+                     "latent (and flip) at every read, as MAR's cached latents")
     latent_dtype: Literal["float16", "float32"] = option(
         "float16", help="how latents are stored in the shards (float16 halves the disk and the reads)")
     batch_size: int = option(64, min=1, help="images per tokenizer call")

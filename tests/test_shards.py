@@ -5,6 +5,7 @@ codec whose fingerprint no longer matches its manifest."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,21 @@ def test_a_manifest_with_an_unknown_column_kind_is_refused(tmp_path):
     (root / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"must declare exactly one data column \(ids or latents or images\)"):
         shards.read_manifest(root)
+
+
+def test_rows_of_posterior_moments_become_one_drawn_latent_per_read():
+    """A view is drawn uniformly; the latent is mean + exp(logvar / 2) * noise from the generator."""
+    from raygen.platform.train.loop import draw_latents
+
+    b, l, d = 4000, 3, 2
+    mean = torch.stack([torch.full((b, l, d), 1.0), torch.full((b, l, d), -1.0)], 1)  # views 0, 1
+    logvar = torch.stack([torch.full((b, l, d), math.log(0.25)), torch.full((b, l, d), -30.0)], 1)
+    moments = torch.stack([mean, logvar], 2)  # (B, V, 2, L, D)
+    z = draw_latents(moments, torch.Generator().manual_seed(0))
+    assert z.shape == (b, l, d)
+    mirror = (z + 1).abs().amax(dim=(1, 2)) < 1e-5  # view 1: variance e^-30, the mean itself
+    assert 0.45 < mirror.float().mean() < 0.55  # each view about half the time
+    own = z[~mirror]
+    assert abs(float(own.mean()) - 1.0) < 0.02 and abs(float(own.std()) - 0.5) < 0.02
+    again = draw_latents(moments, torch.Generator().manual_seed(0))
+    assert torch.equal(z, again)  # the generator decides everything

@@ -23,7 +23,7 @@ def test_a_vae_trains_with_its_critic_restarts_registers_and_tokenizes_from_the_
 
     base = ["--data", str(images), f"workdir={tmp_path}", "model.family=vae"]
     code, _, err = run_cli("train", *base, f"vae.perceptual_weights={tmp_path / 'lpips.pt'}", "--dry-run")
-    assert code == 2 and f"vae.perceptual_weights: " in err and "lpips.pt" in err and "Traceback" not in err
+    assert code == 2 and "vae.perceptual_weights: " in err and "lpips.pt" in err and "Traceback" not in err
     code, _, err = run_cli("train", *base, "model.arch.image_size=32", "--dry-run")
     assert code == 2 and "model.arch.image_size=32 does not match the data set" in err
 
@@ -53,15 +53,34 @@ def test_a_vae_trains_with_its_critic_restarts_registers_and_tokenizes_from_the_
     code, out, err = run_cli("models", "--workdir", str(tmp_path), "register", run_id, "--name", "digits-vae",
                              "--alias", "latest")
     assert code == 0, err
+    # Posterior moments of each digit and of its mirror image, as MAR caches them
     latents = tmp_path / "digits-latents"
     code, out, err = run_cli("tokenize", "--source", "digits", "--tokenizer", "kl", "--out", str(latents),
-                             f"workdir={tmp_path}", "tokenizer.kl.checkpoint=models:/digits-vae@latest")
+                             f"workdir={tmp_path}", "tokenizer.kl.checkpoint=models:/digits-vae@latest",
+                             "tokenizer.posterior=moments+flip", "tokenizer.latent_dtype=float32")
     assert code == 0, err
-    assert "grid 8x8, latents 64x4 float16" in out and "(models:/digits-vae/1)" in out  # 16 px: the vae's size
+    assert "grid 8x8, latents 64x4 float32" in out and "(models:/digits-vae/1)" in out  # 16 px: the vae's size
     manifest = json.loads((latents / "manifest.json").read_text())
     tok = manifest["tokenizer"]
     assert tok["registry"] == {"reference": "models:/digits-vae@latest", "run_id": run_id, "name": "digits-vae",
                                "version": 1}
     assert tok["config"]["scale"] == meta["arch"]["scale"] and manifest["columns"]["latents"]["scale"] == tok["config"]["scale"]
+    assert manifest["columns"]["latents"]["moments"] == 2
     code, out, _ = run_cli("data", "check", str(latents))
-    assert code == 0 and "check        OK" in out
+    assert code == 0 and "check        OK" in out and "posterior moments of 2 views" in out
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from raygen.models.tokenizers import from_spec
+    from raygen.platform.data.shards import read_rows
+
+    codec = from_spec(tok)
+    row = pq.read_table(latents / manifest["shards"][0]["file"]).slice(0, 1).to_pylist()[0]
+    stored = torch.tensor(row["latents"]).reshape(2, 2, 64, 4)  # (view, mean/logvar, L, D)
+    image, _ = read_rows(images, json.loads((images / "manifest.json").read_text()), 1)
+    image = torch.from_numpy(image)  # the same digit (row order is the source's)
+    for view, x in enumerate([image, image.flip(2)]):
+        mean, logvar = codec.encode_moments(x)
+        torch.testing.assert_close(stored[view, 0], mean[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(stored[view, 1], logvar[0], rtol=1e-4, atol=1e-5)

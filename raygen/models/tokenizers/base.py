@@ -161,6 +161,12 @@ class LatentCodec(Codec):
         """The factor the codec applied to its raw latents (recorded in the manifest)."""
         return 1.0
 
+    has_posterior: ClassVar[bool] = False  # encode_moments() gives a Gaussian posterior per latent
+
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) uint8 -> the posterior's (mean, logvar), each (B, L, D), of the scaled latents."""
+        raise NotImplementedError(f"the {self.name} codec has no posterior")
+
     @property
     def latent_shape(self) -> tuple[int, int]:
         """(L, D) per image: L = h * w tokens in raster order."""

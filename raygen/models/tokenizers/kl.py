@@ -367,6 +367,7 @@ class KLTokenizer(LatentCodec):
 
     name = "kl"
     config_cls = KLCodecConfig
+    has_posterior = True
 
     def __init__(
         self,

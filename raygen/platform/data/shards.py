@@ -10,6 +10,11 @@ grid, classes, row counts and checksums, skipped inputs, and the declared column
     "columns": {"latents": {"kind": "latents", "dtype": "float16", "shape": [256, 16], "scale": 0.2325}}
 
     "columns": {"images":  {"kind": "images", "dtype": "uint8", "shape": [16, 16, 1]}}
+    "columns": {"latents": {"kind": "latents", ..., "shape": [256, 16], "moments": 2}}
+
+A latents column with `moments` V holds a codec's posterior per row instead of one latent: for V
+views (the image, and with V = 2 its horizontal flip) the mean and log-variance of each latent,
+(V, 2, L, D) values; training draws a view and a latent from them each time it reads the row.
 
 plus optional side columns ({"kind": "side", ...}, e.g. a grain map). Every row also has
 `label` (int32) and `index` (int64, the source row). Each data column is a fixed-size list
@@ -55,10 +60,17 @@ class Column:
     shape: tuple[int, ...]  # per row; ids: (h*w,), latents: (L, D), images: (H, W, C)
     vocab_size: int | None = None  # ids
     scale: float | None = None  # latents: the codec's latent scale
+    moments: int | None = None  # latents: posterior moments of this many views per row, not one latent
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape))
+        """Values stored per row."""
+        return int(np.prod(self.shape)) * (2 * self.moments if self.moments else 1)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """A row's values as an array: `shape`, or (views, mean/logvar, *shape) for moments."""
+        return (self.moments, 2, *self.shape) if self.moments else self.shape
 
     def arrow_type(self) -> pa.DataType:
         return pa.list_(DTYPES[self.dtype], self.size)
@@ -69,6 +81,8 @@ class Column:
             out["vocab_size"] = self.vocab_size
         if self.scale is not None:
             out["scale"] = self.scale
+        if self.moments is not None:
+            out["moments"] = self.moments
         return out
 
     @classmethod
@@ -76,7 +90,8 @@ class Column:
         if d.get("kind") not in COLUMN_KINDS or d.get("dtype") not in DTYPES:
             raise DataError(f"column '{name}' declares kind {d.get('kind')!r} / dtype {d.get('dtype')!r}; "
                             f"known kinds: {', '.join(COLUMN_KINDS)}; dtypes: {', '.join(DTYPES)}")
-        return cls(name, d["kind"], d["dtype"], tuple(int(v) for v in d["shape"]), d.get("vocab_size"), d.get("scale"))
+        return cls(name, d["kind"], d["dtype"], tuple(int(v) for v in d["shape"]), d.get("vocab_size"), d.get("scale"),
+                   d.get("moments"))
 
 
 def columns(manifest: dict[str, Any]) -> list[Column]:
@@ -137,7 +152,8 @@ def shard_paths(root: str | Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def read_rows(root: str | Path, manifest: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first n rows of the data column (n, *shape) in its stored dtype, and their labels (n,)."""
+    """The first n rows of the data column (n, *shape) in its stored dtype (for posterior moments,
+    the means of the first view), and their labels (n,)."""
     col = data_column(manifest)
     values, labels, have = [], [], 0
     for s in manifest["shards"]:
@@ -148,7 +164,8 @@ def read_rows(root: str | Path, manifest: dict[str, Any], n: int) -> tuple[np.nd
         labels.append(table.column("label").to_numpy())
         have += table.num_rows
     flat = np.concatenate(values) if values else np.zeros(0, np.dtype(col.dtype))
-    return flat.reshape(-1, *col.shape), np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    rows = flat.reshape(-1, *col.stored_shape)
+    return rows[:, 0, 0] if col.moments else rows, np.concatenate(labels) if labels else np.zeros(0, np.int32)
 
 
 # --------------------------------------------------------------------------------------
@@ -447,6 +464,8 @@ class _Stats:
     def add(self, values: np.ndarray) -> None:
         if not values.size:
             return
+        if self.col.moments:  # summarise the means (the latents' centres), not the log-variances
+            values = values.reshape(-1, self.col.moments, 2, int(np.prod(self.col.shape)))[:, :, 0]
         lo, hi = values.min().item(), values.max().item()
         self.lo = lo if self.lo is None else min(self.lo, lo)
         self.hi = hi if self.hi is None else max(self.hi, hi)
@@ -472,8 +491,10 @@ def _describe_column(c: Column, v: dict[str, Any]) -> str:
         used = f"ids used: {v['used']}" + (f", range [{v['min']}, {v['max']}]" if v["min"] is not None else "")
         return f"{c.name}: ids {shape} {c.dtype}, vocab {c.vocab_size}  ({used})"
     text = f"{c.name}: {c.kind} {shape} {c.dtype}" + (f", scale {c.scale:g}" if c.scale is not None else "")
+    if c.moments:
+        text += f", posterior moments of {c.moments} view{'s' if c.moments > 1 else ''}"
     if v.get("mean") is not None:
-        text += f"  (range [{v['min']:.3g}, {v['max']:.3g}], mean {v['mean']:.3g}, std {v['std']:.3g})"
+        text += f"  ({'means: ' if c.moments else ''}range [{v['min']:.3g}, {v['max']:.3g}], mean {v['mean']:.3g}, std {v['std']:.3g})"
     return text
 
 

@@ -109,8 +109,14 @@ def plan(cfg: Config) -> TokenizePlan:
                       **({"registry": registry} if registry else {})},
     }
 
-    if CODECS[cfg.tokenizer.name].kind == "latents":
+    codec = CODECS[cfg.tokenizer.name]
+    if codec.kind == "latents":
         request["latent_dtype"] = cfg.tokenizer.latent_dtype
+    if cfg.tokenizer.posterior != "mean":
+        if not getattr(codec, "has_posterior", False):
+            raise ConfigError(f"tokenizer.posterior={cfg.tokenizer.posterior} needs a codec with a posterior (kl); "
+                              f"the {cfg.tokenizer.name} codec has none: use tokenizer.posterior=mean")
+        request["posterior"] = cfg.tokenizer.posterior
     if cfg.tokenizer.name == "palette" and tok_cfg.patch == 1:  # as before patches existed: same request
         del request["tokenizer"]["config"]["patch"]
     return TokenizePlan(source, image_size, channels, out.resolve(), request, section, registry)
@@ -149,13 +155,15 @@ def build_tokenizer(cfg: Config, p: TokenizePlan, decoder: ImageDecoder) -> Code
         raise ConfigError(f"tokenizer.{name}: {str(e).splitlines()[0]}") from None
 
 
-def column_of(tok: Codec, latent_dtype: str) -> shards.Column:
-    """The data column a codec's output is stored in."""
+def column_of(tok: Codec, latent_dtype: str, posterior: str = "mean") -> shards.Column:
+    """The data column a codec's output is stored in (posterior moments: of 1 or 2 views)."""
     if tok.kind == "ids":
         return shards.Column("tokens", "ids", "int32", (int(np.prod(tok.grid)),), vocab_size=tok.vocab_size)
     if tok.kind == "images":
         return shards.Column("images", "images", "uint8", tuple(tok.image_shape))
-    return shards.Column("latents", "latents", latent_dtype, tuple(tok.latent_shape), scale=float(tok.scale))
+    views = {"mean": None, "moments": 1, "moments+flip": 2}[posterior]
+    return shards.Column("latents", "latents", latent_dtype, tuple(tok.latent_shape), scale=float(tok.scale),
+                         moments=views)
 
 
 class TokenizeActor:
@@ -176,7 +184,12 @@ class TokenizeActor:
         out = np.zeros((len(ok), self.col.size), dtype=np.dtype(self.col.dtype))
         if ok.any():
             images = torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"])[ok]))
-            out[ok] = self.tok.encode(images).flatten(1).numpy().astype(out.dtype)
+            if self.col.moments:  # (B, V, 2, L, D): mean and logvar of the image (and of its mirror)
+                views = [images, images.flip(2)][: self.col.moments]
+                rows = torch.stack([torch.stack(self.tok.encode_moments(v), 1) for v in views], 1)
+            else:
+                rows = self.tok.encode(images)
+            out[ok] = rows.flatten(1).numpy().astype(out.dtype)
         return {self.col.name: out, "label": batch["label"], "index": batch["index"],
                 "input": batch["input"], "error": batch["error"]}
 
@@ -195,7 +208,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
                            resize=cfg.data.resize, on_bad_input=cfg.data.on_bad_input)
     tok = build_tokenizer(cfg, p, decoder)
     spec, fingerprint = tok.spec(), tok.fingerprint()
-    col = column_of(tok, cfg.tokenizer.latent_dtype)
+    col = column_of(tok, cfg.tokenizer.latent_dtype, cfg.tokenizer.posterior)
 
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()

@@ -225,7 +225,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
             prefetch_batches=t.prefetch_batches,
         )
-        return (check(b, device) for b in batches)
+        # the epoch's own CPU generator for draws from posterior moments: a resumed epoch re-draws its
+        # skipped batches and continues exactly
+        draws = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
+        return (check(b, device, draws) for b in batches)
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(metrics, step)

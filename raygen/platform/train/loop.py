@@ -261,7 +261,9 @@ class BatchChecker:
     def of(cls, column: dict[str, Any], data_dir: str, manifest: dict[str, Any]) -> "BatchChecker":
         return cls(shards.Column.from_json(column["name"], column), data_dir, manifest)
 
-    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """`generator` (CPU) draws from a column of posterior moments: a view and a latent per row."""
         c = self.column
         values = batch[c.name]  # (B, prod(shape)) on the CPU
         if c.kind == "ids":
@@ -272,7 +274,9 @@ class BatchChecker:
             bad = torch.zeros_like(values, dtype=torch.bool)
         if bool(bad.any()):
             self._refuse(batch, bad)
-        data = values if c.kind == "ids" else values.reshape(len(values), *c.shape)  # (B, L, D) or (B, H, W, C)
+        data = values if c.kind == "ids" else values.reshape(len(values), *c.stored_shape)  # (B, L, D), (B, H, W, C)
+        if c.moments:
+            data = draw_latents(data, generator)  # (B, V, 2, L, D) -> (B, L, D)
         return {"tokens" if c.kind == "ids" else c.name: data.to(device, non_blocking=True),
                 "label": batch["label"].to(device, non_blocking=True)}
 
@@ -284,6 +288,15 @@ class BatchChecker:
         where = locate(self.data_dir, self.manifest, index)
         raise DataError(f"{where} has {what}; the data set changed after it was written: "
                         f"run `raygen data check {self.data_dir}`")
+
+
+def draw_latents(moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Posterior moments (B, V, 2, L, D) -> one latent per row: a uniformly drawn view v, then
+    mean_v + exp(logvar_v / 2) * noise, all from `generator`."""
+    b, views = moments.shape[:2]
+    v = torch.randint(views, (b,), generator=generator)  # (B,)
+    mean, logvar = moments[torch.arange(b), v].unbind(1)  # (B, L, D) each
+    return mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
 
 
 def locate(data_dir: str, manifest: dict[str, Any], index: int) -> str:
