@@ -195,3 +195,44 @@ def test_model_and_critic_step_together_under_zero2_and_zero3_as_in_plain_torch(
     moved = [k for k, v in start.state_dict().items() if not torch.allclose(v, reference[k], atol=1e-4)]
     assert len(moved) > 0.5 * len(reference) / 2  # the steps changed most weights: the comparison is not vacuous
     assert not math.isnan(sum(float(v.sum()) for v in reference.values()))
+
+
+class _Shift(torch.nn.Module):
+    """A stand-in codec model whose reconstruction is the image plus a constant."""
+
+    def __init__(self, delta: int):
+        super().__init__()
+        self.delta = delta
+
+    def reconstruct(self, images):
+        return (images.int() + self.delta).clamp(0, 255).to(torch.uint8)
+
+
+def test_reconstruction_metrics_have_known_answers():
+    from raygen.models.classifier import to_input
+    from raygen.models.inception import FIDInceptionV3
+    from raygen.platform.evaluate.digits import train_classifier
+    from raygen.platform.train.driver import reconstruction_metrics
+
+    images, labels = _digits16(64)
+    images = images.clamp(0, 250)  # a shift of 5 stays exact
+    clf, _ = train_classifier(epochs=2)
+    torch.manual_seed(0)
+    inception = FIDInceptionV3().state_dict()
+    same = reconstruction_metrics(_Shift(0), images, labels, digits=clf)
+    assert same["eval/l1"] == 0 and same["eval/psnr"] == pytest.approx(10 * math.log10(4 / 1e-10))
+    assert abs(same["eval/fd_digits"]) < 1e-6
+    assert same["eval/class_acc"] == pytest.approx(float((clf(to_input(images)).argmax(1) == labels).float().mean()))
+    few = images[:10]  # Inception at 299 px is the slow part
+    assert abs(reconstruction_metrics(_Shift(0), few, labels[:10], inception=inception)["eval/rfid"]) < 1e-6
+    from raygen.platform.evaluate.metrics import Extractors, feature_stats, frechet_distance
+
+    pools = [Extractors(inception_state=inception)(x)["inception_pool"] for x in (few, _Shift(40).reconstruct(few))]
+    want = frechet_distance(*feature_stats(pools[0]), *feature_stats(pools[1]))
+    got = reconstruction_metrics(_Shift(40), few, labels[:10], inception=inception)["eval/rfid"]
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+    shifted = reconstruction_metrics(_Shift(5), images, labels)
+    # every pixel off by 5 levels = 10/255 in [-1, 1]: L1 = 10/255, PSNR = 10 log10(4 / (10/255)^2)
+    assert shifted["eval/l1"] == pytest.approx(10 / 255, rel=1e-5)
+    assert shifted["eval/psnr"] == pytest.approx(10 * math.log10(4 / (10 / 255) ** 2), rel=1e-5)
+    assert set(shifted) == {"eval/psnr", "eval/l1"}

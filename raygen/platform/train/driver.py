@@ -499,37 +499,56 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
 def finish_with_reconstructions(cfg: Config, uri: str, run_id: str, export_dir: Path, plan: TrainPlan,
                                 n: int = 512) -> dict[str, float]:
     """A codec run's end: the family's export fields measured on the data (its latent scale), then
-    reconstruction metrics on the data set's first `n` rows (eval/psnr, eval/l1; on digits also
-    the classifier's accuracy on the reconstructions and FD-digits to the originals) and a grid."""
-    from raygen.models.tokenizers.base import psnr
+    reconstruction metrics on the data set's first `n` rows (`reconstruction_metrics`) and a grid."""
     from raygen.platform import tracking
+    from raygen.platform.evaluate.metrics import load_inception_weights
     from raygen.platform.evaluate.sampling import is_digits, load_export, read_export_meta, reconstruction_grid
     from raygen.platform.evaluate.sampling import write_export_meta
 
+    inception = load_inception_weights(cfg.eval.inception_weights)  # checked before the work
     model, meta = load_export(export_dir)
     images, labels = (torch.from_numpy(a) for a in shards.read_rows(plan.data_dir, plan.manifest, n))
     updates = families.get(meta["family"]).finalize_export(model, meta, images)
     if updates:
         meta = {**read_export_meta(export_dir), **updates}
         write_export_meta(export_dir, {k: v for k, v in meta.items() if k != "format"})
-    recon = torch.cat([model.reconstruct(images[i : i + 64]) for i in range(0, len(images), 64)])
-    x, y = images.float() / 127.5 - 1, recon.float() / 127.5 - 1  # [-1, 1]
-    mse = (x - y).pow(2).flatten(1).mean(dim=1)  # (N,)
-    out = {"eval/psnr": float(psnr(mse).mean()),
-           "eval/l1": float((x - y).abs().mean())}
+    clf = None
     if is_digits(meta):
-        from raygen.platform.evaluate.digits import class_accuracy, digits_features, load_classifier
-        from raygen.platform.evaluate.metrics import feature_stats, frechet_distance
+        from raygen.platform.evaluate.digits import load_classifier
 
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")
-        out["eval/class_acc"] = class_accuracy(clf, recon, labels.long())  # legibility of the reconstructions
-        out["eval/fd_digits"] = frechet_distance(*feature_stats(digits_features(clf, images)[0]),
-                                                 *feature_stats(digits_features(clf, recon)[0]))
+    out = reconstruction_metrics(model, images, labels, digits=clf, inception=inception.state if inception else None)
     png = export_dir.parent / f"{export_dir.name}-reconstructions" / f"reconstructions_step{cfg.train.steps:08d}.png"
     png.parent.mkdir(exist_ok=True)
     reconstruction_grid(model, images[:PREVIEW_IMAGES]).save(png)
     tracking.log_artifact(uri, run_id, png, "reconstructions")
     tracking.log_metrics(uri, run_id, out, cfg.train.steps)
+    return out
+
+
+def reconstruction_metrics(model, images: torch.Tensor, labels: torch.Tensor, *, digits=None,
+                           inception: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """A codec model's reconstructions of uint8 `images` (N, H, W, C) against them: eval/psnr and
+    eval/l1 (in [-1, 1] units); with the digits classifier, its accuracy on the reconstructions
+    (eval/class_acc: are they legible) and FD-digits to the originals; with FID Inception weights,
+    rFID (the Fréchet distance of the two sets' Inception pool features, over these N images)."""
+    from raygen.models.tokenizers.base import psnr
+    from raygen.platform.evaluate.metrics import Extractors, feature_stats, frechet_distance
+
+    recon = torch.cat([model.reconstruct(images[i : i + 64]) for i in range(0, len(images), 64)])
+    x, y = images.float() / 127.5 - 1, recon.float() / 127.5 - 1  # [-1, 1]
+    mse = (x - y).pow(2).flatten(1).mean(dim=1)  # (N,)
+    out = {"eval/psnr": float(psnr(mse).mean()), "eval/l1": float((x - y).abs().mean())}
+    if digits is not None:
+        from raygen.platform.evaluate.digits import class_accuracy, digits_features
+
+        out["eval/class_acc"] = class_accuracy(digits, recon, labels.long())
+        out["eval/fd_digits"] = frechet_distance(*feature_stats(digits_features(digits, images)[0]),
+                                                 *feature_stats(digits_features(digits, recon)[0]))
+    if inception is not None:
+        extract = Extractors(inception_state=inception)
+        real, fake = extract(images)["inception_pool"], extract(recon)["inception_pool"]
+        out["eval/rfid"] = frechet_distance(*feature_stats(real), *feature_stats(fake))
     return out
 
 
