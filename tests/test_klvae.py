@@ -173,21 +173,23 @@ def _zero_worker(rank: int, world: int, port: int, out: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {stage: _two_engine_steps(stage, rank, world) for stage in (2, 3)}
+    results = {stage: _two_engine_steps(stage, rank, world) for stage in (0, 1, 2, 3)}
     if rank == 0:
         torch.save(results, out)
 
 
-def test_model_and_critic_step_together_under_zero2_and_zero3_as_in_plain_torch(tmp_path):
+def test_model_and_critic_step_together_under_every_zero_stage_as_in_plain_torch(tmp_path):
     """Two ranks, each with half the batch, two DeepSpeed engines (model, critic): after 3 steps
-    both modules' weights equal one plain-torch process on the whole batch."""
+    both modules' weights equal one plain-torch process on the whole batch, at ZeRO 0, 1, 2, 3."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "zero.pt"
     torch.multiprocessing.spawn(_zero_worker, args=(2, port, str(out)), nprocs=2, join=True)
     reference = _two_engine_steps(None, 0, 1)
-    for stage, got in torch.load(out, weights_only=True).items():
+    results = torch.load(out, weights_only=True)
+    assert sorted(results) == [0, 1, 2, 3]
+    for stage, got in results.items():
         assert set(got) == set(reference)
         for name, want in reference.items():
             torch.testing.assert_close(got[name], want, rtol=1e-4, atol=1e-5, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
@@ -236,3 +238,22 @@ def test_reconstruction_metrics_have_known_answers():
     assert shifted["eval/l1"] == pytest.approx(10 / 255, rel=1e-5)
     assert shifted["eval/psnr"] == pytest.approx(10 * math.log10(4 / (10 / 255) ** 2), rel=1e-5)
     assert set(shifted) == {"eval/psnr", "eval/l1"}
+
+
+def test_the_perceptual_term_enters_the_loss_only_when_attached_and_stays_outside_the_module():
+    from raygen.models.tokenizers.ae_losses import Perceptual
+
+    torch.manual_seed(0)
+    model = _model(sample_posterior=False, perceptual_weight=0.7)
+    images, _ = _digits16(4)
+    plain = model({"images": images})
+    lpips = Perceptual()
+    model.attach_perceptual(lpips)
+    out = model({"images": images})
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    x_hat = model.autoencoder.decode(model.autoencoder.encode(x).mean)
+    want = lpips(x, x_hat).mean()
+    torch.testing.assert_close(out["perceptual"], want.detach())
+    torch.testing.assert_close(out["loss"], plain["loss"] + 0.7 * want, rtol=1e-5, atol=1e-6)
+    assert not any(n.startswith("perceptual") for n in model.state_dict())  # no export, no optimizer sees it
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _model().parameters())

@@ -53,6 +53,10 @@ def test_a_vae_trains_with_its_critic_restarts_registers_and_tokenizes_from_the_
     code, out, err = run_cli("models", "--workdir", str(tmp_path), "register", run_id, "--name", "digits-vae",
                              "--alias", "latest")
     assert code == 0, err
+    code, _, err = run_cli("tokenize", "--source", "digits", "--tokenizer", "kl", "--out", str(tmp_path / "x"),
+                           f"workdir={tmp_path}", "tokenizer.kl.checkpoint=models:/digits-vae@latest",
+                           "data.image_size=32")
+    assert code == 2 and "was trained on 16 px images; set data.image_size=16" in err and "Traceback" not in err
     # Posterior moments of each digit and of its mirror image, as MAR caches them
     latents = tmp_path / "digits-latents"
     code, out, err = run_cli("tokenize", "--source", "digits", "--tokenizer", "kl", "--out", str(latents),
