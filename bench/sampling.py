@@ -1,4 +1,4 @@
-"""Sampling speed per family at the same width, total depth and batch on a 16x16 grid.
+r"""Sampling speed per family at the same width, total depth and batch on a 16x16 grid.
 
     python bench/sampling.py --families ar,arpg,nar --batch 64            # width 512, 12 layers
     python bench/sampling.py --families ar,arpg --width 1024 --layers 24  # ARPG-L vs LlamaGen-L shape
@@ -16,6 +16,27 @@ every stage 1 with a 343M aux, i.e. width 1024 and 24 layers), both included in 
 
     python bench/sampling.py --families ar,ctf --width 768 --layers 12 --heads 12 \
         --ctf-aux-width 1024 --ctf-aux-layers 24 --ctf-aux-heads 16   # Table 2's B row
+
+`emigm` (continuous KL-16 latents, so `--vocab` does not apply; its grid is `--grid`, 16 -> 256
+tokens) has `--layers` / 2 encoder blocks and as many decoder blocks (`--layers` must be even),
+a 64-slot class buffer (`--emigm-buffer-size`) and a per-token MLP diffusion head
+(`--emigm-head-depth` x `--emigm-head-width`) on `--emigm-token-dim` channels. It samples with
+the paper's 16-step setting: `--emigm-mask-steps` mask-prediction steps, each token's value
+solved by DPM-Solver++ (singlestep, order 3) in `--emigm-solver-steps` head evaluations, and
+CFG (at `--cfg`, like every family: the cost depends only on guidance being on, not on the
+scale; the paper samples at 4.0) only at the steps whose time s lies in `--emigm-cfg-interval`
+(lo, hi]; the other steps run the conditional batch alone. Besides images/s and peak memory
+it reports the counts of the run (`model.last_sampling`): `mask_steps`,
+`mae_passes_per_image_batch` (encoder+decoder passes, a guided step counting 2: the paper's
+"NFE 16 x 1.2" is mask_steps x mae_passes_per_mask_step) and, separately, `head_nfe`: the
+solver's network calls per token and over the batch, and its passes (a guided call counting 2),
+plus the share of the time spent in the head (from one extra, untimed, instrumented run).
+With `--precision bf16` it runs under bf16 autocast over float32 weights (its latents and the
+head's diffusion arithmetic stay float32), not with its weights cast as the other families.
+eMIGM-L (dim 1024, 16 + 16 blocks, 16 heads, head 8 x 1280) against LlamaGen-style `ar` at the
+same width and total depth:
+
+    python bench/sampling.py --families ar,emigm --width 1024 --layers 32 --heads 16   # eMIGM-L vs ar
 """
 
 from __future__ import annotations
@@ -32,20 +53,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def arch_for(family: str, width: int, layers: int, heads: int) -> dict:
+def arch_for(family: str, args) -> dict:
+    width, layers, heads = args.width, args.layers, args.heads
     if family == "ar":
         return {"dim": width, "n_layer": layers, "n_head": heads}
     if family == "arpg":
         return {"dim": width, "n_layer": layers, "n_head": heads}
     if family in ("nar", "ctf"):
         return {"dim": width, "n_layer": layers, "n_head": heads}
+    if family == "emigm":  # `depth` is the encoder's blocks; the decoder has as many
+        if layers % 2:
+            raise SystemExit(f"bench/sampling.py: emigm splits --layers between an encoder and a decoder of "
+                             f"equal depth, so --layers must be even (got {layers})")
+        return {"dim": width, "depth": layers // 2, "n_head": heads, "head_depth": args.emigm_head_depth,
+                "head_width": args.emigm_head_width, "token_dim": args.emigm_token_dim,
+                "buffer_size": args.emigm_buffer_size}
     raise SystemExit(f"bench/sampling.py: no shape rule for family '{family}'")
 
 
 def knobs_for(family: str, args) -> dict:
     if family == "arpg":
         return {"steps": args.arpg_steps}
+    if family == "emigm":  # sampler: DPM-Solver++ singlestep order 3 (generate's defaults, the paper's)
+        lo, hi = cfg_interval(args.emigm_cfg_interval)
+        return {"steps": args.emigm_mask_steps, "solver_steps": args.emigm_solver_steps,
+                "cfg_t_min": lo, "cfg_t_max": hi}
     return {}
+
+
+def cfg_interval(text: str) -> tuple[float, float]:
+    """"lo,hi" -> (lo, hi): eMIGM guides the steps whose time s lies in (lo, hi]."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"bench/sampling.py: --emigm-cfg-interval takes 'lo,hi', got {text!r}") from None
+    if not 0 <= lo < hi <= 1:
+        raise SystemExit(f"bench/sampling.py: --emigm-cfg-interval needs 0 <= lo < hi <= 1, got {text!r}")
+    return lo, hi
 
 
 def build(args, arch: dict):
@@ -53,6 +97,8 @@ def build(args, arch: dict):
     from raygen.models.registry import build_model
 
     common = {"vocab_size": args.vocab, "num_classes": 1000, "grid_size": args.grid}
+    if args.one == "emigm":
+        del common["vocab_size"]  # continuous tokens: the config's vocab_size is unused
     if args.one != "ctf":
         return build_model(args.one, "debug", **common, **arch)
     from raygen.models.ctf import CTFPair, Lookup
@@ -71,14 +117,17 @@ def build(args, arch: dict):
 def run_one(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    arch = arch_for(args.one, args.width, args.layers, args.heads)
+    arch = arch_for(args.one, args)
     model = build(args, arch)
     with torch.no_grad():  # a zero-initialised head would make every logit equal
         for name, p in model.named_parameters():
             if p.ndim >= 2 and float(p.abs().sum()) == 0.0:
                 p.normal_(0, 0.02)
     model = model.to(device).eval()
-    if args.precision == "bf16":
+    # emigm's generate() builds float32 latents and its head keeps the diffusion arithmetic in
+    # float32, so it runs bf16 as autocast over float32 weights (as MAR/eMIGM sample) instead
+    autocast = args.precision == "bf16" and args.one == "emigm"
+    if args.precision == "bf16" and not autocast:
         model = model.to(torch.bfloat16)
     labels = torch.arange(args.batch, device=device) % 1000
     g = torch.Generator(device=device).manual_seed(0)
@@ -88,7 +137,8 @@ def run_one(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(labels, cfg_scale=args.cfg, temperature=1.0, generator=g, **knobs)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            model.generate(labels, cfg_scale=args.cfg, temperature=1.0, generator=g, **knobs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
@@ -107,6 +157,8 @@ def run_one(args) -> dict:
         "forward_passes": getattr(model, "last_forward_passes",
                                   args.grid * args.grid + (1 if args.one == "ctf" else 0)),
     }
+    if args.one == "emigm":
+        out.update(emigm_counts(model, once, seconds), bf16_autocast=autocast)
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
@@ -114,6 +166,41 @@ def run_one(args) -> dict:
 
         out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     return out
+
+
+def emigm_counts(model, once, seconds: float) -> dict:
+    """eMIGM's counts of the last timed run, and the head's share of one more, instrumented run."""
+    s = dict(model.last_sampling)  # per image batch: mask_steps, passes (MAE), head_nfe, head_passes
+    head = model.diffloss
+    spent = [0.0]
+
+    def timed_sample(*a, **kw):
+        sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        res = type(head).sample(head, *a, **kw)
+        sync()
+        spent[0] += time.perf_counter() - t0
+        return res
+
+    head.sample = timed_sample
+    try:
+        total = once()
+    finally:
+        del head.sample
+    steps = s["mask_steps"]
+    return {
+        "mask_steps": steps,
+        "mae_passes_per_image_batch": s["passes"],
+        "mae_passes_per_mask_step": s["passes"] / steps,  # the paper's "x 1.2"
+        "head_nfe": {
+            "solver_steps_per_token": s["head_nfe"] / steps,  # every token is solved once, at one mask step
+            "calls_per_image_batch": s["head_nfe"],
+            "passes_per_image_batch": s["head_passes"],  # a guided call counts 2
+        },
+        "head_seconds_per_batch": spent[0] / total * seconds,
+        "head_time_fraction": spent[0] / total,
+    }
 
 
 def main() -> None:
@@ -131,6 +218,13 @@ def main() -> None:
     p.add_argument("--ctf-aux-width", type=int, default=0, help="ctf stage 2 width (0 = --width)")
     p.add_argument("--ctf-aux-layers", type=int, default=0, help="ctf stage 2 blocks (0 = --layers)")
     p.add_argument("--ctf-aux-heads", type=int, default=0, help="ctf stage 2 heads (0 = --heads)")
+    p.add_argument("--emigm-mask-steps", type=int, default=16, help="emigm: mask-prediction steps")
+    p.add_argument("--emigm-solver-steps", type=int, default=8, help="emigm: DPM-Solver++ steps per token")
+    p.add_argument("--emigm-cfg-interval", default="0.1,0.3", help="emigm: guide the steps with s in (lo, hi]")
+    p.add_argument("--emigm-head-depth", type=int, default=8, help="emigm: diffusion-head ResBlocks (L: 8)")
+    p.add_argument("--emigm-head-width", type=int, default=1280, help="emigm: diffusion-head width (L: 1280)")
+    p.add_argument("--emigm-token-dim", type=int, default=16, help="emigm: channels per token (KL-16: 16)")
+    p.add_argument("--emigm-buffer-size", type=int, default=64, help="emigm: class-embedding buffer slots")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto")
@@ -142,6 +236,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args)))
         return
+    for fam in args.families.split(","):  # shape rules and knobs fail here, before any subprocess
+        arch_for(fam, args)
+        knobs_for(fam, args)
     out = {"batch": args.batch, "width": args.width, "layers": args.layers, "grid": args.grid, "vocab": args.vocab,
            "cfg": args.cfg, "precision": args.precision,
            "device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),

@@ -369,3 +369,24 @@ def test_debug_size_loss_falls_on_real_digits():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.6 * first, (first, last)  # measured: 1.06 -> 0.37
     assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("key, size, batch, interval", [("xs", "XS", 1024, (0.1, 0.3)), ("s", "S", 1024, (0.1, 0.3)),
+                                                        ("b", "B", 2048, (0.1, 0.3)), ("l", "L", 2048, (0.1, 0.3)),
+                                                        ("h", "H", 2048, (0.2, 0.4))])
+def test_paper_presets_carry_the_official_recipe(key, size, batch, interval):
+    from raygen import families
+    from raygen.config import load_config
+
+    cfg = load_config(f"emigm-{key}")
+    t = cfg.train
+    assert (cfg.model.family, cfg.model.size, t.global_batch) == ("emigm", size, batch)
+    assert t.lr == pytest.approx(1e-4 * batch / 256) and t.schedule == "constant" and t.ema == 0.9999
+    assert t.steps == round(800 * 1281167 / batch) and t.warmup_steps == round(100 * 1281167 / batch)
+    assert (t.betas, t.weight_decay, t.grad_clip) == ([0.9, 0.95], 0.02, 3.0)
+    knobs = families.get("emigm").check_knobs(cfg.sample.knobs)
+    assert (cfg.sample.cfg_scale, cfg.sample.steps, knobs.solver_steps) == (4.0, 16, 8)
+    assert (knobs.cfg_t_min, knobs.cfg_t_max) == interval
+    assert (cfg.tokenizer.name, cfg.tokenizer.kl.size, cfg.tokenizer.posterior) == ("kl", "kl16", "moments+flip")
+    with torch.device("meta"):
+        assert build_model("emigm", size).num_params() == PAPER_PARAMS[("emigm", size)]

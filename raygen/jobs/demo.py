@@ -43,10 +43,17 @@ def run(args: argparse.Namespace) -> int:
     name = f"digits-{cfg.model.family}"
     version = tracking.register(result.tracking_uri, result.run_id, name, "latest")
     print(f"[3/4] registered models:/{name}@latest (version {version})")
-    samples = Path(cfg.workdir) / "samples.png"
-    shutil.copy(result.export_dir.parent / f"{result.export_dir.name}-samples.png", samples)
     acc = result.metrics.get("eval/class_acc")
-    print(f"[4/4] samples: {samples} (one row per digit); class accuracy {acc:.3f}")
+    if "eval/psnr" in result.metrics:  # a codec (the vae family): reconstructions, not samples
+        grids = sorted((result.export_dir.parent / f"{result.export_dir.name}-reconstructions").glob("*.png"))
+        out = Path(cfg.workdir) / "reconstructions.png"
+        shutil.copy(grids[-1], out)
+        print(f"[4/4] reconstructions: {out} (originals above reconstructions); PSNR "
+              f"{result.metrics['eval/psnr']:.1f} dB" + (f", class accuracy {acc:.3f}" if acc is not None else ""))
+    else:
+        samples = Path(cfg.workdir) / "samples.png"
+        shutil.copy(result.export_dir.parent / f"{result.export_dir.name}-samples.png", samples)
+        print(f"[4/4] samples: {samples} (one row per digit); class accuracy {acc:.3f}")
     mlflow = Path(sys.executable).parent / "mlflow"  # the one installed beside raygen, wherever it runs from
     print(f"\ndone in {time.time() - t0:.0f} s. Browse the run with:\n"
           f"  {mlflow if mlflow.is_file() else 'mlflow'} ui --backend-store-uri {result.tracking_uri} "
