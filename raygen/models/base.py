@@ -119,7 +119,6 @@ class TrainableModel(nn.Module, ABC):
             raise ValueError(f"generator is on {generator.device}, the model on {self.device}; create it there")
 
 
-
 class GenerativeModel(TrainableModel):
     """A class-conditional token generator: forward -> losses, generate -> token grids."""
 

@@ -106,21 +106,22 @@ class MetricsWindow:
     wait_s: float = 0.0
     steps: int = 0
     t0: float = field(default_factory=time.perf_counter)
-    extras: dict[str, list[float]] = field(default_factory=dict)  # name -> [sum, count]
+    extras: dict[str, list[Any]] = field(default_factory=dict)  # name -> [sum (a 0-d tensor), count]
 
     def add(self, out: dict[str, Any]) -> None:
-        """Accumulate a forward's 0-d extras (everything but "loss"), logged as train/<name>."""
+        """Accumulate a forward's 0-d extras (everything but "loss"), logged as train/<name>. The
+        sums stay tensors on the model's device: no host sync until the window closes."""
         for name, value in out.items():
             if name != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
-                acc = self.extras.setdefault(name, [0.0, 0.0])
-                acc[0] += float(value)
+                acc = self.extras.setdefault(name, [0.0, 0])
+                acc[0] = acc[0] + value.detach().float()
                 acc[1] += 1
 
     def close(self, *, reduce: Callable[[list[float]], list[float]], samples_per_step: int, world: int,
               flops_per_sample: float, peak_flops: float | None) -> dict[str, float]:
         """Metrics over the window (the loss and extras averaged over every rank's micro steps)."""
         names = sorted(self.extras)  # the same on every rank: the same code ran
-        flat = reduce([self.loss, float(self.micro_steps), *(v for n in names for v in self.extras[n])])
+        flat = reduce([self.loss, float(self.micro_steps), *(float(v) for n in names for v in self.extras[n])])
         loss_sum, n = flat[:2]
         elapsed = time.perf_counter() - self.t0
         sps = self.steps * samples_per_step / elapsed
