@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     version = tracking.register(result.tracking_uri, result.run_id, name, "latest")
     print(f"[3/4] registered models:/{name}@latest (version {version})")
     acc = result.metrics.get("eval/class_acc")
-    if "eval/psnr" in result.metrics:  # a codec (the vae family): reconstructions, not samples
+    if "eval/psnr" in result.metrics:  # a codec (an autoencoder family): reconstructions, not samples
         grids = sorted((result.export_dir.parent / f"{result.export_dir.name}-reconstructions").glob("*.png"))
         out = Path(cfg.workdir) / "reconstructions.png"
         shutil.copy(grids[-1], out)
