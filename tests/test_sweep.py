@@ -31,7 +31,7 @@ def _error(raw, match, base=None):
 
 
 def test_presets_parse_and_their_spaces_fit_their_base_configs():
-    assert spec_names() == ["arpg-cfg", "ctf-clusters", "lr-schedule"]
+    assert spec_names() == ["arpg-cfg", "ctf-clusters", "emigm-masking", "emigm-sampling", "lr-schedule"]
     lr = load_spec("lr-schedule")
     assert lr.kind == "train" and lr.trials == 6 and lr.scheduler.name == "asha"
     assert lr.metric == "eval/class_acc" and lr.mode == "max" and lr.scheduler.metric == "train/loss"
@@ -43,6 +43,12 @@ def test_presets_parse_and_their_spaces_fit_their_base_configs():
     assert cfg.kind == "sample" and cfg.trials == 20 and cfg.metric == "eval/fd_digits" and cfg.mode == "min"
     assert cfg.register == {"name": None, "alias": "best-fid"}
     check_space(cfg, load_config("arpg-digits"))
+    masking = load_spec("emigm-masking")
+    assert masking.kind == "train" and masking.trials == 9 and masking.scheduler.name == "none"
+    check_space(masking, load_config("emigm-digits"))
+    sampling = load_spec("emigm-sampling")
+    assert sampling.kind == "sample" and sampling.trials == 16 and sampling.metric == "eval/fd_digits"
+    check_space(sampling, load_config("emigm-digits"))
 
 
 def test_kind_is_inferred_from_the_keys():
