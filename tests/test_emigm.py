@@ -34,13 +34,7 @@ SMALL = dict(token_dim=2, grid_size=4, num_classes=10)  # 16 tokens of 2 channel
 L, C = 16, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest on a shared 2-core box. Restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest here
 
 
 def _model(seed: int = 0, **overrides) -> EMIGMModel:

@@ -38,10 +38,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce, repeat
+from einops import reduce, repeat
 from torch import nn
 
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
+from raygen.models.layers import TimestepEmbedder, ViTAttention, modulate  # shared with d2it
 from raygen.models.diffusion import Denoiser, Guidance, Schedule, diffusion_loss, dpm_solver_pp_sample, ddpm_sample
 from raygen.models.diffusion.samplers import SampleOut
 from raygen.models.sampling import SamplingOptions, sampling_entry
@@ -104,23 +105,6 @@ def reveal_probability(schedule: str, t: float, s: float) -> float:
 # --- ViT blocks (timm's Block, under its names) ----------------------------------------------
 
 
-class ViTAttention(nn.Module):
-    """Multi-head self-attention, fused qkv with bias, attention and projection dropout."""
-
-    def __init__(self, dim: int, n_head: int, *, attn_dropout: float, proj_dropout: float):
-        super().__init__()
-        self.n_head, self.attn_dropout = n_head, attn_dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.n_head)
-        drop = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, H, L, E)
-        return self.proj_drop(self.proj(rearrange(out, "b h l e -> b l (h e)")))  # (B, L, D)
-
-
 class ViTBlock(nn.Module):
     """Pre-LN ViT block (LayerNorm eps 1e-6): x + attn(norm1(x)), then h + mlp(norm2(h))."""
 
@@ -140,28 +124,6 @@ class ViTBlock(nn.Module):
 
 
 # --- the diffusion head (MAR's SimpleMLPAdaLN and DiffLoss) -----------------------------------
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
-
-
-def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (fractional) step labels t (M,) -> (M, dim) [cos | sin], always float32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (M, dim/2)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-class TimestepEmbedder(nn.Module):
-    def __init__(self, width: int, freq_dim: int = 256):
-        super().__init__()
-        self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.freq_dim))  # (M, W)
 
 
 class ResBlock(nn.Module):

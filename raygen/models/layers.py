@@ -1,4 +1,5 @@
-"""The LlamaGen transformer substrate shared by the token families (ar, arpg, nar, ctf).
+"""The LlamaGen transformer substrate shared by the token families (ar, arpg, nar, ctf), and
+the ViT/DiT pieces shared by the diffusion families (emigm, d2it) at the end.
 
 Module and parameter names follow LlamaGen's `autoregressive/models/gpt.py`
 (`attention.wqkv`, `attention.wo`, `feed_forward.w1/w2/w3`, `attention_norm`, `ffn_norm`,
@@ -11,6 +12,7 @@ Axis letters: B batch, L sequence, S cached keys, H heads, D model width, K head
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -356,3 +358,45 @@ class LlamaGenMixin:
         super()._apply(fn, recurse)  # type: ignore[misc]
         self._rebuild_tables()
         return self
+
+
+# --- ViT / DiT pieces (emigm, d2it) ------------------------------------------------------------
+
+
+class ViTAttention(nn.Module):
+    """Multi-head self-attention, fused qkv with bias, attention and projection dropout."""
+
+    def __init__(self, dim: int, n_head: int, *, attn_dropout: float, proj_dropout: float):
+        super().__init__()
+        self.n_head, self.attn_dropout = n_head, attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h e) -> three b h l e", three=3, h=self.n_head)
+        drop = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)  # (B, H, L, E)
+        return self.proj_drop(self.proj(rearrange(out, "b h l e -> b l (h e)")))  # (B, L, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (fractional) step labels t (M,) -> (M, dim) [cos | sin], always float32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (M, dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.freq_dim))  # (M, W)

@@ -18,6 +18,7 @@ from raygen.models.ar import AR_FAMILY
 from raygen.models.arpg import ARPG_FAMILY
 from raygen.models.base import FamilySpec, TrainableModel
 from raygen.models.ctf import CTF_FAMILY
+from raygen.models.d2it import D2IT_FAMILY
 from raygen.models.emigm import EMIGM_FAMILY
 from raygen.models.klvae import KLVAE_FAMILY
 from raygen.models.nar import NAR_FAMILY
@@ -85,6 +86,7 @@ register_family(NAR_FAMILY)
 register_family(CTF_FAMILY)
 register_family(EMIGM_FAMILY)
 register_family(KLVAE_FAMILY)
+register_family(D2IT_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of
@@ -119,6 +121,9 @@ PAPER_PARAMS: dict[tuple[str, str], int] = {
     ("emigm", "B"): 207_924_000,
     ("emigm", "L"): 478_325_280,
     ("emigm", "H"): 942_401_824,
+    # d2it: the paper's rounded counts (DiT-L/XL + RefineNet; raygen's at grid 16, 4 channels)
+    ("d2it", "L"): 467_000_000,
+    ("d2it", "XL"): 687_000_000,
     # vae: MAR's KL-16 autoencoder, every value of the official kl16.ckpt (the critic is separate)
     ("vae", "kl16"): 66_456_019,
 }
