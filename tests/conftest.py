@@ -34,6 +34,9 @@ def ray_local():
     from raygen.platform.cluster.connect import init_ray
 
     init_ray(RayConfig(num_cpus=2))
+    # Ray Data attaches its log handler to the stderr of its first run, once per process: run it
+    # here, on the real stderr, not inside a test whose captured stream pytest closes afterwards
+    ray.data.range(1).take(1)
     yield ray
     ray.shutdown()
 
