@@ -50,6 +50,8 @@ def test_a_vae_trains_with_its_critic_restarts_registers_and_tokenizes_from_the_
     meta = json.loads(open(client.download_artifacts(run_id, "model/config.json", str(tmp_path / "dl"))).read())
     assert meta["family"] == "vae" and meta["arch"]["scale"] == meta["model_config"]["scale"] > 0
 
+    code, _, err = run_cli("sample", f"runs:/{run_id}", f"workdir={tmp_path}")
+    assert code == 2 and "is a codec: it reconstructs images and does not sample" in err and "Traceback" not in err
     code, out, err = run_cli("models", "--workdir", str(tmp_path), "register", run_id, "--name", "digits-vae",
                              "--alias", "latest")
     assert code == 0, err

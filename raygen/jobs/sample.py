@@ -35,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
     from raygen.errors import UserError
     from raygen.platform import tracking
     from raygen.platform.evaluate.scoring import resolve_target
-    from raygen.platform.evaluate.sampling import edit_grid, is_digits, load_edit_inputs, load_export, sample_grid
+    from raygen.platform.evaluate.sampling import (
+        check_samples_alone, edit_grid, is_digits, load_edit_inputs, load_export, sample_grid,
+    )
 
     flags = {"sample.labels": args.labels, "sample.per_label": args.per_label, "sample.cfg_scale": args.cfg,
              "sample.temperature": args.temperature, "sample.top_k": args.top_k, "sample.top_p": args.top_p,
@@ -43,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     # The model's own sampling defaults, then a sweep's knobs for its alias, then whatever was given here.
     target = resolve_target(args.model, args.overrides, flags)
     cfg, uri, export_dir, run_id = target.cfg, target.uri, target.export_dir, target.run_id
+    check_samples_alone(target.meta)
     if args.dry_run:
         print_dry_run(cfg, {"model": export_dir, "run": run_id, **alias_knobs_derived(target.knobs)})
         return 0

@@ -62,6 +62,20 @@ def family_of(meta: dict[str, Any]) -> Family:
     return families.get(meta["family"])
 
 
+def check_samples_alone(meta: dict[str, Any]) -> None:
+    """A UserError unless the export samples on its own (a codec reconstructs; a part of a
+    composite export needs the export that composes it)."""
+    family = family_of(meta)
+    if family.can_sample(meta):
+        return
+    what = f"this {meta['family']} {meta['size']} model"
+    if family.can_reconstruct(meta):
+        raise UserError(f"{what} is a codec: it reconstructs images and does not sample; register it and "
+                        "tokenize a data set with it (README: Train a tokenizer)")
+    raise UserError(f"{what} does not sample on its own; use the export that composes it "
+                    "(see `raygen models register --help`)")
+
+
 def check_knobs(meta: dict[str, Any], knobs: dict[str, Any]) -> Any:
     """sample.knobs as the export's family's typed knobs (ConfigError on a bad key or value)."""
     return family_of(meta).check_knobs(knobs, meta)

@@ -166,13 +166,11 @@ def _payload(target: EvalTarget, digits_state=None, inception_state=None) -> dic
 
 def _check_sampling(target: EvalTarget) -> list[int]:
     """Fail before any worker starts: labels, the family's knobs, and whether the model samples alone."""
-    from raygen.platform.evaluate.sampling import check_knobs, family_of
+    from raygen.platform.evaluate.sampling import check_knobs, check_samples_alone
 
+    check_samples_alone(target.meta)
     classes = parse_labels(target.cfg.sample.labels, target.meta["data"]["num_classes"])
     check_knobs(target.meta, target.cfg.sample.knobs)
-    if not family_of(target.meta).can_sample(target.meta):
-        raise UserError(f"this {target.meta['family']} {target.meta['size']} model does not sample on its own; "
-                        "evaluate the export that composes it (see `raygen models register --help`)")
     return classes
 
 
