@@ -21,7 +21,7 @@ import yaml
 from raygen import families
 from raygen.errors import ConfigError
 from raygen.options import describe_type, merge_into, option, suggest
-from raygen.models.tokenizers import CODECS, ImagesConfig, KLCodecConfig
+from raygen.models.tokenizers import CODECS, DVAECodecConfig, ImagesConfig, KLCodecConfig
 from raygen.models.tokenizers.palette import PaletteConfig
 from raygen.models.tokenizers.pixels import PixelsConfig
 from raygen.models.tokenizers.vq import VQConfig
@@ -59,12 +59,14 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     name: Literal[tuple(CODECS)] = option(  # type: ignore[valid-type]
-        "palette", help="which codec: palette or vq make token ids, pixels or kl continuous latents, images "
-                   "keeps the images (what an autoencoder trains on)")
+        "palette", help="which codec: palette or vq make token ids, pixels or kl continuous latents, dvae two "
+                   "grains of latents and a grain map, images keeps the images (what an autoencoder trains on)")
     palette: PaletteConfig = option(help="palette tokenizer options", factory=PaletteConfig)
     vq: VQConfig = option(help="VQ tokenizer options (LlamaGen VQ-16 by default)", factory=VQConfig)
     pixels: PixelsConfig = option(help="pixels codec options (patches of the image's own pixels)", factory=PixelsConfig)
     kl: KLCodecConfig = option(help="KL autoencoder codec options (MAR's KL-16 format)", factory=KLCodecConfig)
+    dvae: DVAECodecConfig = option(help="Dynamic VAE codec options (D2iT's two grains + entropy grain map)",
+                                   factory=DVAECodecConfig)
     images: ImagesConfig = option(help="the identity codec (no options)", factory=ImagesConfig)
     posterior: Literal["mean", "moments", "moments+flip"] = option(
         "mean", help="what a codec with a posterior (kl) stores per image: its mean, or its moments (mean and "

@@ -40,8 +40,8 @@ class VAE(Family):
     def arch_from_data(self, data: DataInfo) -> dict[str, Any]:
         """The autoencoder's input is the data set's images: their side and channels."""
         if data.grid[0] != data.grid[1]:
-            raise UserError(f"the data set's images are {data.grid[0]}x{data.grid[1]}; the vae family needs "
-                            "square images")
+            raise UserError(f"the data set's images are {data.grid[0]}x{data.grid[1]}; the {self.name} family "
+                            "needs square images")
         return {"image_size": data.grid[0], "image_channels": data.token_dim, "num_classes": data.num_classes}
 
     def prepare(self, cfg, manifest: dict[str, Any], data_dir: str, arch: dict[str, Any]) -> Prepared:
@@ -51,7 +51,7 @@ class VAE(Family):
             resolved = model_config(self.name, cfg.model.size, **arch)
         except ValueError as e:
             raise ConfigError(f"model: {e}") from None
-        path = cfg.vae.perceptual_weights
+        path = getattr(cfg, self.name).perceptual_weights
         if path is None:
             return Prepared(params={"derived.perceptual": "off"})
         from raygen.models.tokenizers.ae_losses import Perceptual
@@ -59,7 +59,7 @@ class VAE(Family):
         try:
             Perceptual.from_file(path)  # every key and shape, before a worker starts
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"vae.perceptual_weights: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{self.name}.perceptual_weights: {str(e).splitlines()[0]}") from None
         weight = resolved.perceptual_weight
         return Prepared(payload={"perceptual_weights": path}, params={"derived.perceptual": f"lpips x {weight:g}"},
                         export={"perceptual_weights": path})
@@ -86,3 +86,16 @@ class VAE(Family):
 
 
 register(VAE())
+
+
+class DynamicVAE(VAE):
+    """Family `dvae`: D2iT's Dynamic VAE (raygen/models/dvae.py), two grains of KL latents merged by a
+    grain map, trained like the KL-VAE. Registered, it encodes data sets with the `dvae` codec:
+    `raygen tokenize --tokenizer dvae tokenizer.dvae.checkpoint=models:/NAME@ALIAS` (coarse latents,
+    the fine latents and the entropy grain map, for family d2it)."""
+
+    name = "dvae"
+    settings_help = "Dynamic VAE training (family dvae)"
+
+
+register(DynamicVAE())

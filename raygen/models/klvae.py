@@ -146,12 +146,10 @@ class KLVAE(TrainableModel):
         c = self.config
         self.check_generator(generator)
         x = self.images_in(batch["images"])  # (B, C, H, W)
-        posterior = self.autoencoder.encode(x)  # over (B, E, h, w)
-        z = posterior.sample(generator) if c.sample_posterior else posterior.mode()  # (B, E, h, w)
-        x_hat = self.autoencoder.decode(z).float()  # (B, C, H, W)
+        x_hat, kl_image = self.autoencode(x, generator)  # (B, C, H, W), (B,)
         err = x_hat - x  # (B, C, H, W)
         rec = err.abs().mean() if c.rec_loss == "l1" else err.pow(2).mean()
-        kl = posterior.kl().mean() / x[0].numel()  # per pixel value, see the module docstring
+        kl = kl_image.mean() / x[0].numel()  # per pixel value, see the module docstring
         loss = rec + c.kl_weight * kl
         out: dict[str, torch.Tensor] = {}
         perceptual = self.__dict__["perceptual"]
@@ -166,17 +164,31 @@ class KLVAE(TrainableModel):
             out["critic_batch"] = {"real": x.detach(), "fake": x_hat.detach()}
         with torch.no_grad():
             mse = (x_hat.clamp(-1, 1) - x).pow(2).flatten(1).mean(dim=1)  # (B,)
-            out.update(l1=err.abs().mean(), l2=err.pow(2).mean(), kl=posterior.kl().mean(),
+            out.update(l1=err.abs().mean(), l2=err.pow(2).mean(), kl=kl_image.mean(),
                        psnr=psnr(mse).mean())
         return {"loss": loss, **out}
+
+    # --- the autoencoder's part (a subclass with another autoencoder overrides these) ----------
+    def autoencode(self, x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training: x (B, C, H, W) -> (reconstruction (B, C, H, W) float32, KL per image (B,))."""
+        posterior = self.autoencoder.encode(x)  # over (B, E, h, w)
+        z = posterior.sample(generator) if self.config.sample_posterior else posterior.mode()  # (B, E, h, w)
+        return self.autoencoder.decode(z).float(), posterior.kl()
+
+    def decode_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the reconstruction from the posterior mean (B, C, H, W)."""
+        return self.autoencoder.decode(self.autoencoder.encode(x).mode())
+
+    def latent_means(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> the posterior means, unscaled (any shape)."""
+        return self.autoencoder.encode(x).mode()
 
     # --- using it ------------------------------------------------------------------------------
     @torch.inference_mode()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) uint8 -> reconstructions (B, H, W, C) uint8 from the posterior mean."""
         with self.evaluating():
-            x = self.images_in(images.to(self.device))
-            x_hat = self.autoencoder.decode(self.autoencoder.encode(x).mode()).clamp(-1, 1)  # (B, C, H, W)
+            x_hat = self.decode_mean(self.images_in(images.to(self.device))).clamp(-1, 1)  # (B, C, H, W)
         u = torch.round((x_hat + 1) * 127.5).to(torch.uint8)
         return rearrange(u, "b c h w -> b h w c").cpu()
 
@@ -184,7 +196,7 @@ class KLVAE(TrainableModel):
     def latent_std(self, images: torch.Tensor) -> float:
         """Standard deviation of the posterior means of these images (the unscaled latents)."""
         with self.evaluating():
-            return float(self.autoencoder.encode(self.images_in(images.to(self.device))).mode().float().std())
+            return float(self.latent_means(self.images_in(images.to(self.device))).float().std())
 
     def flops_per_sample(self) -> float:
         """Forward + backward FLOPs of the autoencoder on one image (3x a forward counted on the

@@ -19,6 +19,7 @@ from raygen.models.arpg import ARPG_FAMILY
 from raygen.models.base import FamilySpec, TrainableModel
 from raygen.models.ctf import CTF_FAMILY
 from raygen.models.d2it import D2IT_FAMILY
+from raygen.models.dvae import DVAE_FAMILY
 from raygen.models.emigm import EMIGM_FAMILY
 from raygen.models.klvae import KLVAE_FAMILY
 from raygen.models.nar import NAR_FAMILY
@@ -87,6 +88,7 @@ register_family(CTF_FAMILY)
 register_family(EMIGM_FAMILY)
 register_family(KLVAE_FAMILY)
 register_family(D2IT_FAMILY)
+register_family(DVAE_FAMILY)
 
 # Reference parameter counts (vocab 16384, 1000 classes, 16x16 grid). The ar values are exact
 # counts of LlamaGen's own GPT-B/L/XL/XXL classes; tests require an exact match (the 3% of

@@ -1,4 +1,4 @@
-"""Codecs: images <-> token ids (`palette`, `vq`), latents (`pixels`, `kl`) or the images themselves
+"""Codecs: images <-> token ids (`palette`, `vq`), latents (`pixels`, `kl`; `dvae`: two grains + a grain map) or the images themselves
 (`images`, what an autoencoder trains on).
 
 `CODECS` names every codec class. Each class declares its config section (`config_cls`, at
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from raygen.models.tokenizers.base import Codec, LatentCodec, Tokenizer
+from raygen.models.tokenizers.dvae import DVAECodec, DVAECodecConfig
 from raygen.models.tokenizers.images import ImagesCodec, ImagesConfig
 from raygen.models.tokenizers.kl import KLCodecConfig, KLTokenizer
 from raygen.models.tokenizers.palette import PaletteConfig, PaletteTokenizer
@@ -20,7 +21,7 @@ from raygen.models.tokenizers.pixels import PixelsCodec, PixelsConfig
 from raygen.models.tokenizers.vq import VQTokenizer
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (PaletteTokenizer, VQTokenizer, PixelsCodec, KLTokenizer,
-                                                       ImagesCodec)}
+                                                       DVAECodec, ImagesCodec)}
 TOKENIZERS = tuple(CODECS)
 
 
@@ -32,5 +33,5 @@ def from_spec(spec: dict[str, Any]) -> Codec:
     return cls.from_spec(spec)
 
 
-__all__ = ["Codec", "ImagesCodec", "ImagesConfig", "LatentCodec", "Tokenizer", "KLCodecConfig", "KLTokenizer", "PaletteConfig", "PaletteTokenizer",
+__all__ = ["Codec", "DVAECodec", "DVAECodecConfig", "ImagesCodec", "ImagesConfig", "LatentCodec", "Tokenizer", "KLCodecConfig", "KLTokenizer", "PaletteConfig", "PaletteTokenizer",
            "PixelsCodec", "PixelsConfig", "VQTokenizer", "CODECS", "TOKENIZERS", "from_spec"]

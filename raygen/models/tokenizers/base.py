@@ -167,6 +167,16 @@ class LatentCodec(Codec):
         """(B, H, W, C) uint8 -> the posterior's (mean, logvar), each (B, L, D), of the scaled latents."""
         raise NotImplementedError(f"the {self.name} codec has no posterior")
 
+    def side_layout(self) -> dict[str, dict[str, Any]]:
+        """Side columns the codec writes beside the latents: name -> {"shape", "dtype" ("latent" =
+        the data column's dtype, or a storage dtype), optional "vocab_size"}; none by default."""
+        return {}
+
+    def encode_with_sides(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B, H, W, C) uint8 -> (latents (B, L, D), {side column: (B, *shape)}); `decode` takes the
+        sides back as keyword arguments."""
+        return self.encode(images), {}
+
     @property
     def latent_shape(self) -> tuple[int, int]:
         """(L, D) per image: L = h * w tokens in raster order."""

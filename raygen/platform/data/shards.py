@@ -378,11 +378,12 @@ def check_values(col: Column, values: np.ndarray) -> str | None:
     """What is wrong with a column's values (None if nothing): ids in range, latents finite."""
     if values.size == 0:
         return None
-    if col.kind == "ids":
+    if col.kind == "ids" or (col.kind == "side" and col.vocab_size is not None):
         lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= col.vocab_size:
-            return f"token ids in [{lo}, {hi}], outside [0, {col.vocab_size})"
-    elif col.kind == "latents":
+            what = "token ids" if col.kind == "ids" else f"{col.name} values"
+            return f"{what} in [{lo}, {hi}], outside [0, {col.vocab_size})"
+    elif col.kind == "latents" or col.dtype.startswith("float"):
         bad = ~np.isfinite(values)
         if bad.any():
             return f"{int(bad.sum())} non-finite latent values"

@@ -166,10 +166,18 @@ def column_of(tok: Codec, latent_dtype: str, posterior: str = "mean") -> shards.
                          moments=views)
 
 
+def side_columns_of(tok: Codec, latent_dtype: str) -> list[shards.Column]:
+    """The side columns a codec writes beside its data column (e.g. a second grain and a grain map)."""
+    layout = tok.side_layout() if tok.kind == "latents" else {}
+    return [shards.Column(name, "side", latent_dtype if d["dtype"] == "latent" else d["dtype"], tuple(d["shape"]),
+                          vocab_size=d.get("vocab_size")) for name, d in layout.items()]
+
+
 class TokenizeActor:
     """Ray Data actor: one codec per process, rebuilt from its spec and checked by fingerprint."""
 
-    def __init__(self, spec: dict[str, Any], fingerprint: str, device: str, column: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], fingerprint: str, device: str, column: dict[str, Any],
+                 sides: list[dict[str, Any]] | None = None):
         self.tok = from_spec(spec).to(device)
         got = self.tok.fingerprint()
         if got != fingerprint:
@@ -178,20 +186,25 @@ class TokenizeActor:
                 "(is the checkpoint file the same on every node?)"
             )
         self.col = shards.Column.from_json(column["name"], column)
+        self.sides = [shards.Column.from_json(c["name"], c) for c in sides or []]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ok = np.array([not e for e in batch["error"]], dtype=bool)
-        out = np.zeros((len(ok), self.col.size), dtype=np.dtype(self.col.dtype))
+        out = {c.name: np.zeros((len(ok), c.size), dtype=np.dtype(c.dtype)) for c in [self.col, *self.sides]}
         if ok.any():
             images = torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"])[ok]))
+            sides: dict[str, torch.Tensor] = {}
             if self.col.moments:  # (B, V, 2, L, D): mean and logvar of the image (and of its mirror)
                 views = [images, images.flip(2)][: self.col.moments]
                 rows = torch.stack([torch.stack(self.tok.encode_moments(v), 1) for v in views], 1)
+            elif self.sides:
+                rows, sides = self.tok.encode_with_sides(images)
             else:
                 rows = self.tok.encode(images)
-            out[ok] = rows.flatten(1).numpy().astype(out.dtype)
-        return {self.col.name: out, "label": batch["label"], "index": batch["index"],
-                "input": batch["input"], "error": batch["error"]}
+            for name, values in {self.col.name: rows, **sides}.items():
+                out[name][ok] = values.flatten(1).numpy().astype(out[name].dtype)
+        return {**out, "label": batch["label"], "index": batch["index"], "input": batch["input"],
+                "error": batch["error"]}
 
 
 def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> TokenizeResult:
@@ -209,6 +222,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
     tok = build_tokenizer(cfg, p, decoder)
     spec, fingerprint = tok.spec(), tok.fingerprint()
     col = column_of(tok, cfg.tokenizer.latent_dtype, cfg.tokenizer.posterior)
+    sides = side_columns_of(tok, cfg.tokenizer.latent_dtype)
 
     init_ray(cfg.ray)
     ctx = ray.data.DataContext.get_current()
@@ -227,21 +241,22 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
     ds = ds.map_batches(
         TokenizeActor,
         fn_constructor_kwargs={"spec": spec, "fingerprint": fingerprint, "device": "cuda" if use_gpu else "cpu",
-                               "column": {"name": col.name, **col.to_json()}},
+                               "column": {"name": col.name, **col.to_json()},
+                               "sides": [{"name": c.name, **c.to_json()} for c in sides]},
         batch_size=cfg.tokenizer.batch_size,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=0 if use_gpu else 1,
         num_gpus=cfg.tokenizer.gpus_per_worker if use_gpu else 0,
     )
 
-    writer = shards.ShardWriter(p.out, [col], cfg.data.rows_per_shard)
+    writer = shards.ShardWriter(p.out, [col, *sides], cfg.data.rows_per_shard)
     skipped: list[dict[str, str]] = []
     last_report = time.time()
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
             skipped += [{"input": str(i), "error": str(e)} for i, e in zip(batch["input"][bad], batch["error"][bad])]
-            writer.add({col.name: batch[col.name][~bad]}, batch["label"][~bad], batch["index"][~bad])
+            writer.add({c.name: batch[c.name][~bad] for c in [col, *sides]}, batch["label"][~bad], batch["index"][~bad])
             if progress and time.time() - last_report > 10:
                 last_report = time.time()
                 print(f"tokenize: {writer.rows} of {p.source.rows} rows in shards", file=sys.stderr)
