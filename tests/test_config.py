@@ -41,7 +41,7 @@ def test_unknown_key_names_it_lists_valid_keys_and_suggests():
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(ConfigError, match="valid keys at the top level: ctf, data, eval, model, ray, sample, seed, tokenizer, tracking, train, vae, workdir"):
+    with pytest.raises(ConfigError, match="valid keys at the top level: ctf, data, dvae, eval, model, ray, sample, seed, tokenizer, tracking, train, vae, workdir"):
         load_config(overrides=["tokeniser.name=vq"])
 
 

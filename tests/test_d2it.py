@@ -1,4 +1,4 @@
-"""Family `d2it` (D2iT's Dynamic Content Transformer): unit tests, no Ray, tiny sizes.
+"""Family `d2it` (D2iT's Dynamic Content Transformer and Grain Transformer): unit tests, no Ray, tiny sizes.
 
 D2iT has no public code, so there are no known answers from an official class; the tests pin
 what the design states exactly: routing invariances, the grain loss's masking, adaLN-Zero,
@@ -17,8 +17,9 @@ from raygen.models.d2it import (
     D2IT_FAMILY,
     D2IT_SIZES,
     DIT_PARAMS,
+    ContentTransformer,
+    D2iT,
     D2iTConfig,
-    D2iTModel,
     DiTBlock,
     cells_to_fine,
     sincos_2d,
@@ -34,10 +35,10 @@ TINY = dict(grid_size=G, token_dim=C, num_classes=10, dim=32, depth=2, n_head=2,
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one intra-op thread is fastest here
 
 
-def _model(seed: int = 0, *, randomize: bool = True, **overrides) -> D2iTModel:
+def _model(seed: int = 0, *, randomize: bool = True, **overrides) -> ContentTransformer:
     """A tiny model; randomize fills the zero-initialised (adaLN-Zero) weights so outputs depend on inputs."""
     torch.manual_seed(seed)
-    model = D2iTModel(dataclasses.replace(D2IT_SIZES["debug"], **{**TINY, **overrides}))
+    model = ContentTransformer(dataclasses.replace(D2IT_SIZES["debug"], **{**TINY, **overrides}))
     if randomize:
         with torch.no_grad():
             for p in model.parameters():
@@ -54,7 +55,7 @@ def _batch(b: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
             "grain": grain, "label": torch.randint(0, 10, (b,), generator=g)}
 
 
-def _loss(model: D2iTModel, batch: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
+def _loss(model: ContentTransformer, batch: dict[str, torch.Tensor], seed: int = 1) -> dict[str, torch.Tensor]:
     return model(batch, generator=torch.Generator().manual_seed(seed))
 
 
@@ -245,7 +246,9 @@ def _count(*modules) -> int:
 def test_paper_sizes_within_3_percent_and_dit_trunk_is_dits(size):
     with torch.device("meta"):
         model = D2IT_FAMILY.model_cls(D2IT_FAMILY.sizes[size])
-    assert abs(model.num_params() / PAPER_PARAMS[("d2it", size)] - 1) < 0.03
+    assert abs(model.num_params() / PAPER_PARAMS[("d2it", size)] - 1) < 0.03  # DCT + the 3.7M DGT
+    assert abs(model.dct.num_params() / PAPER_PARAMS[("d2it", size)] - 1) < 0.03  # the DCT alone
+    model = model.dct
     d = model.config.dim
     # DiT-*/2 minus what D2iT replaces: the patch embedding Conv(4 -> D, 2x2), the frozen (256, D)
     # pos_embed, and the final Linear(D -> 2*2*2*4); every other tensor is DiT's, name and shape.
@@ -266,3 +269,61 @@ def test_sizes_and_config_checks():
     with pytest.raises(ValueError):
         D2iTConfig(dim=100, n_head=16)
     assert _model(randomize=False).flops_per_sample() > 0
+
+
+# --- the pair: grain transformer + content transformer ---------------------------------------------
+
+
+def _pair(seed: int = 0) -> D2iT:
+    torch.manual_seed(seed)
+    model = D2iT(dataclasses.replace(D2IT_SIZES["debug"], **TINY, grain_dim=16, grain_depth=1, grain_heads=2))
+    with torch.no_grad():
+        for p in model.dct.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def test_the_pair_loss_is_the_sum_of_its_parts_each_gradient_its_own():
+    model = _pair().train()
+    batch = _batch()
+    out = model(batch, generator=torch.Generator().manual_seed(1))
+    dct = model.dct(batch, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out["loss_coarse"], dct["loss_coarse"]) and torch.allclose(out["loss_fine"], dct["loss_fine"])
+    # the DGT is the ar model on the grain map: its loss is the cross-entropy of the map's ids
+    model.eval()
+    out = model(batch, generator=torch.Generator().manual_seed(1))
+    logits = model.dgt.logits_uncached(batch["grain"][:, :-1].long(), labels=batch["label"])  # (B, N, 2)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 2), batch["grain"].long().reshape(-1))
+    assert torch.allclose(out["grain_loss"], ce, atol=1e-6)
+    assert torch.allclose(out["loss"], model.dct(batch, generator=torch.Generator().manual_seed(1))["loss"] + ce,
+                          atol=1e-6)
+    model.zero_grad()
+    out["grain_loss"].requires_grad_(False)
+    model.dgt({"tokens": batch["grain"].long(), "label": batch["label"]})["loss"].backward()
+    assert all(p.grad is None for p in model.dct.parameters())  # disjoint: the grain loss never reaches the DCT
+
+
+def test_the_three_grain_map_sources_are_plumbed():
+    model = _pair().eval()
+    labels = torch.tensor([0, 3])
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    given = torch.tensor([[[1, 0, 0, 0]] * G, [[0] * G] * G])  # (2, G, G)
+    out = model.generate(labels, grain=given, steps=3, generator=g())
+    assert torch.equal(out["grain"].reshape(2, G, G), given.to(torch.uint8))
+    assert model.last_sampling["grain_passes"] == 0 and model.last_sampling["nfe"] == 3
+    # predicted: the DGT's own sampler, from the same generator first
+    pred = model.generate(labels, steps=3, generator=g(), grain_cfg_scale=2.0)
+    expect = model.dgt.generate(labels, cfg_scale=2.0, generator=g())
+    assert torch.equal(pred["grain"].reshape(2, G, G), expect.to(torch.uint8)) and model.last_sampling["grain_passes"] == N
+    # random: Bernoulli(random_fine_ratio) per cell
+    rand = model.generate(torch.zeros(64, dtype=torch.long), steps=1, generator=g(), grain_source="random",
+                          random_fine_ratio=0.25)
+    assert abs(rand["grain"].float().mean().item() - 0.25) < 0.05
+    assert torch.equal(rand["grain"], model.generate(torch.zeros(64, dtype=torch.long), steps=1, generator=g(),
+                                                     grain_source="random", random_fine_ratio=0.25)["grain"])
+    # the content follows the grain map: unrepresented values are zero
+    fine_pos = cells_to_fine(pred["grain"].bool(), G)
+    assert (pred["fine"][~fine_pos] == 0).all() and (pred["latents"][pred["grain"].bool()] == 0).all()
+    with pytest.raises(ValueError, match="grain source"):
+        model.generate(labels, steps=1, generator=g(), grain_source="data")

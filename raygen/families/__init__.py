@@ -20,7 +20,7 @@ from raygen.families.base import DATA_KINDS, DataInfo, Family, NoKnobs, Prepared
 FAMILIES: dict[str, Family] = {}
 _MODULES: dict[str, str] = {}
 BUILTIN = ("raygen.families.ar", "raygen.families.arpg", "raygen.families.nar", "raygen.families.ctf",
-           "raygen.families.emigm", "raygen.families.vae")
+           "raygen.families.emigm", "raygen.families.vae", "raygen.families.d2it")
 
 
 def register(family: Family) -> Family:

@@ -12,6 +12,7 @@ ask it:
     bind(model, payload)      install that payload in a freshly built model on a worker
     knobs / knobs_for(meta)   its typed sampling knobs (sample.knobs.*), checked like config keys
     generate(...)             one call of the model's sampler with the common options and the knobs
+    pictures(...)             pictures written beside a sample grid (a grain map per sample)
     load(directory, meta)     how an export is composed (one model, or parts such as two stages)
     can_sample / can_edit     capabilities of a model of this family
     can_reconstruct           its models are codecs (an autoencoder): reconstruction grids and metrics
@@ -138,6 +139,11 @@ class Family:
         return model.generate(labels, cfg_scale=sample.cfg_scale, steps=sample.steps, temperature=sample.temperature,
                               top_k=sample.top_k, top_p=sample.top_p, generator=generator,
                               **self.generate_kwargs(model, knobs), **extra)
+
+    def pictures(self, meta: dict[str, Any], outputs: Any, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pictures to write beside a sample grid, one per sample, laid out like it: name -> uint8
+        (B, H, W, C) (`raygen sample --out S.png` writes S-NAME.png); none by default."""
+        return {}
 
     def can_sample(self, meta: dict[str, Any]) -> bool:
         """Whether an export of this family samples on its own (a CTF stage 2 does not)."""

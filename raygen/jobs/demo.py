@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
         samples = Path(cfg.workdir) / "samples.png"
         shutil.copy(result.export_dir.parent / f"{result.export_dir.name}-samples.png", samples)
         print(f"[4/4] samples: {samples} (one row per digit); class accuracy {acc:.3f}")
+        for extra in sorted(result.export_dir.parent.glob(f"{result.export_dir.name}-samples-*.png")):
+            shutil.copy(extra, Path(cfg.workdir) / extra.name.replace(f"{result.export_dir.name}-", ""))
+            print(f"      beside them: {Path(cfg.workdir) / extra.name.replace(f'{result.export_dir.name}-', '')}")
     mlflow = Path(sys.executable).parent / "mlflow"  # the one installed beside raygen, wherever it runs from
     print(f"\ndone in {time.time() - t0:.0f} s. Browse the run with:\n"
           f"  {mlflow if mlflow.is_file() else 'mlflow'} ui --backend-store-uri {result.tracking_uri} "

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         s = sample_grid(model, meta, cfg.sample, args.out, device)
         print(f"{len(s['labels'])} samples -> {args.out}")
+        for path in s["pictures"]:
+            print(f"  beside them: {path}")
     if args.eval and is_digits(meta):
         from pathlib import Path
 

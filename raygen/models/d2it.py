@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from raygen.models.ar import ARConfig, ARModel
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig
 from raygen.models.diffusion import Denoiser, Guidance, Schedule, ddim_sample, ddpm_sample, diffusion_loss
 from raygen.models.diffusion.guidance import GUIDANCE_SCHEDULES
@@ -201,13 +202,17 @@ class D2iTConfig(ModelConfig):
     diffusion_steps: int = 1000  # T
     noise_schedule: str = "linear"  # DiT's betas
     fine_loss_weight: float = 1.0  # weight of the fine-grain mean in the dynamic grain loss [I]
+    grain_dim: int = 256  # the Dynamic Grain Transformer (LlamaGen AR over the grain map, vocab 2) [I]
+    grain_depth: int = 4
+    grain_heads: int = 4
+    grain_loss_weight: float = 1.0  # its cross-entropy's weight in the joint loss [I]
 
     def __post_init__(self) -> None:
         super().__post_init__()
         small = [f for f in ("token_dim", "dim", "depth", "n_head", "diffusion_steps") if getattr(self, f) < 1]
         bad = (small or self.refine_depth < 0 or self.dim % self.n_head or self.refine_width % self.refine_n_head
                or self.dim % 4 or self.refine_width % 4 or self.refine_width < 1 or not 0 <= self.class_dropout < 1
-               or self.fine_loss_weight < 0 or self.noise_schedule not in BETA_SCHEDULES)
+               or self.fine_loss_weight < 0 or self.grain_loss_weight < 0 or self.noise_schedule not in BETA_SCHEDULES)
         if bad:
             raise ValueError(f"D2iTConfig: need {', '.join(small) or 'sizes'} >= 1, refine_depth >= 0, "
                              f"dim % n_head == 0, dim and refine width % 4 == 0, refine width % refine heads == 0, "
@@ -232,9 +237,15 @@ class D2iTConfig(ModelConfig):
     def out_channels(self) -> int:
         return 2 * self.token_dim if self.learn_sigma else self.token_dim
 
+    def grain_config(self) -> ARConfig:
+        """The Dynamic Grain Transformer's config: raster AR over the (h, w) grain map, ids 0/1."""
+        return ARConfig(vocab_size=2, grid_size=self.grid_size, num_classes=self.num_classes, dim=self.grain_dim,
+                        n_layer=self.grain_depth, n_head=self.grain_heads, class_dropout=self.class_dropout)
 
-D2IT_SIZES: dict[str, D2iTConfig] = {  # counts at grid 16, C = 4, 1000 classes (paper: L 467M, XL 687M)
-    "debug": D2iTConfig(dim=64, depth=2, n_head=4, refine_depth=1),  # R 32, 2 heads
+
+# Counts at grid 16, C = 4, 1000 classes, the DCT's (paper: L 467M, XL 687M); the DGT adds 3.7M [I].
+D2IT_SIZES: dict[str, D2iTConfig] = {
+    "debug": D2iTConfig(dim=64, depth=2, n_head=4, refine_depth=1, grain_dim=64, grain_depth=2),  # R 32, 2 heads
     "B": D2iTConfig(dim=768, depth=10, n_head=12, refine_depth=2),  # 10 DiT + 2 RefineNet [P]; 117.4M
     "L": D2iTConfig(dim=1024, depth=24, n_head=16, refine_depth=2),  # R 512, 8 heads; 472.5M, +1.2% (DiT-L/2 458.1M)
     "XL": D2iTConfig(dim=1152, depth=28, n_head=16, refine_depth=2),  # R 576, 8 heads; 693.3M, +0.9% (DiT-XL/2 675.1M)
@@ -244,7 +255,7 @@ D2IT_SIZES: dict[str, D2iTConfig] = {  # counts at grid 16, C = 4, 1000 classes 
 # --- the model ---------------------------------------------------------------------------------------
 
 
-class D2iTModel(GenerativeModel):
+class ContentTransformer(GenerativeModel):
     """D2iT's Dynamic Content Transformer: multi-grained latents + grain map -> coarse and fine [eps, v]."""
 
     standalone = False  # generate needs a grain map (the paper's Dynamic Grain Transformer makes one)
@@ -450,7 +461,76 @@ class D2iTModel(GenerativeModel):
             return {"latents": coarse.float(), "fine": fine_lat.float(), "grain": fine.to(torch.uint8)}
 
 
-D2IT_FAMILY = FamilySpec(family="d2it", model_cls=D2iTModel, config_cls=D2iTConfig, sizes=D2IT_SIZES)
+GRAIN_SOURCES = ("predicted", "random")
+
+
+class D2iT(GenerativeModel):
+    """D2iT's two transformers as one model: the DGT (`dgt`, grain maps from classes) and the DCT (`dct`).
+
+    [I] The paper trains them as two stages; here they train in one run on the same rows (the grain
+    map is a side column of the DVAE's data set), their losses summed (disjoint parameters: each
+    gets exactly its own gradient; they share the optimizer's settings and the step count). The DGT
+    is raygen's `ar` model (LlamaGen's raster AR) with a vocabulary of 2 on the coarse grid: a
+    class-conditional discrete model of an h x w map is exactly what it is.
+    """
+
+    def __init__(self, config: D2iTConfig):
+        super().__init__()
+        self.config = config
+        self.dct = ContentTransformer(config)
+        self.dgt = ARModel(config.grain_config())
+        self.last_sampling: dict[str, int] = {}  # the DCT's nfe and passes, and the DGT's passes
+
+    @property
+    def grid(self) -> int:
+        return self.config.grid_size
+
+    def forward(self, batch: dict[str, torch.Tensor], *,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """batch {"latents", "fine", "grain", "label"} (ContentTransformer.forward's) -> the summed loss,
+        the DCT's terms, and the DGT's grain_loss / grain_acc. Draws the DCT's randomness first."""
+        out = self.dct(batch, generator=generator)
+        grain = rearrange(batch["grain"].long(), "b ... -> b (...)")  # (B, N)
+        g = self.dgt({"tokens": grain, "label": batch["label"]}, generator=generator)
+        return {**out, "loss": out["loss"] + self.config.grain_loss_weight * g["loss"],
+                "grain_loss": g["loss"].detach(), "grain_acc": g["acc"]}
+
+    def flops_per_sample(self) -> float:
+        return self.dct.flops_per_sample() + self.dgt.flops_per_sample()
+
+    def sample_grain(self, labels: torch.Tensor, *, source: str = "predicted", cfg_scale: float = 1.0,
+                     temperature: float = 1.0, fine_ratio: float = 0.5,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """labels (B,) -> grain maps (B, h, w) int64: predicted by the DGT (its own CFG and temperature)
+        or random (each cell fine with probability fine_ratio, from `generator`)."""
+        if source not in GRAIN_SOURCES:
+            raise ValueError(f"grain source must be one of {GRAIN_SOURCES} (or pass grain=), got {source!r}")
+        if source == "random":
+            g = self.grid
+            return (torch.rand(len(labels), g, g, generator=generator, device=labels.device) < fine_ratio).long()
+        return self.dgt.generate(labels, cfg_scale=cfg_scale, temperature=temperature, generator=generator)
+
+    @sampling_entry
+    def generate(self, labels: torch.Tensor, opts: SamplingOptions, *, grain: torch.Tensor | None = None,
+                 grain_source: str = "predicted", grain_cfg_scale: float = 1.0, grain_temperature: float = 1.0,
+                 random_fine_ratio: float = 0.5, sampler: str = "ddpm", eta: float = 0.0,
+                 cfg_schedule: str = "constant") -> dict[str, torch.Tensor]:
+        """labels (B,) -> {"latents", "fine", "grain"} (ContentTransformer.generate's): the grain map is
+        `grain` when given (B, h, w), else drawn by `sample_grain` from the same generator first; then
+        the DCT samples the content with the common options (cfg_scale, steps, temperature)."""
+        labels = self.check_labels(labels)
+        predicted = grain is None and grain_source == "predicted"
+        if grain is None:
+            grain = self.sample_grain(labels, source=grain_source, cfg_scale=grain_cfg_scale,
+                                      temperature=grain_temperature, fine_ratio=random_fine_ratio,
+                                      generator=opts.generator)
+        out = self.dct.generate(labels, grain=grain, sampler=sampler, eta=eta, cfg_schedule=cfg_schedule,
+                                **opts.kwargs())
+        self.last_sampling = {**self.dct.last_sampling, "grain_passes": self.grid**2 if predicted else 0}
+        return out
+
+
+D2IT_FAMILY = FamilySpec(family="d2it", model_cls=D2iT, config_cls=D2iTConfig, sizes=D2IT_SIZES)
 
 # DiT's own counts (facebookresearch/DiT, 256 px, 32x32 latents, patch 2, C = 4, 1000 classes, pos_embed
 # counted as DiT's frozen Parameter), for comparison: DiT-L/2 458,102,816; DiT-XL/2 675,129,632.

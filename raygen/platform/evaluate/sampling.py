@@ -84,22 +84,33 @@ def check_knobs(meta: dict[str, Any], knobs: dict[str, Any]) -> Any:
 @torch.inference_mode()
 def generate(model, meta: dict[str, Any], labels: list[int], sample: SampleConfig,
              device: str | torch.device = "cpu") -> torch.Tensor:
-    """The model's outputs (token grids (B, h, w), or latents) for `labels`, in batches of
-    sample.batch_size, seeded by sample.seed."""
+    """The model's outputs for `labels` (token grids (B, h, w), latents, or a dict of the data
+    column and side columns), in batches of sample.batch_size, seeded by sample.seed."""
     family = family_of(meta)
     knobs = family.check_knobs(sample.knobs, meta)  # once, not per batch
     g = torch.Generator(device=device).manual_seed(sample.seed)
     out = []
     for i in range(0, len(labels), sample.batch_size):
         chunk = torch.tensor(labels[i : i + sample.batch_size], device=device)
-        out.append(family.generate(model, chunk, sample, g, knobs).cpu())
+        got = family.generate(model, chunk, sample, g, knobs)
+        out.append({k: v.cpu() for k, v in got.items()} if isinstance(got, dict) else got.cpu())
+    if isinstance(out[0], dict):
+        return {k: torch.cat([o[k] for o in out]) for k in out[0]}
     return torch.cat(out)
 
 
-def decode(meta: dict[str, Any], tokens: torch.Tensor) -> torch.Tensor:
-    """Token grids -> uint8 images (B, H, W, C) with the tokenizer the data was made with."""
-    tok = from_spec(meta["tokenizer"])
-    return tok.decode(tokens)
+def decode_with(tok, meta: dict[str, Any], outputs: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """A model's outputs -> uint8 images (B, H, W, C) with codec `tok`; dict outputs hold the data
+    column under its name and side columns (a second grain, a grain map) the codec decodes with."""
+    if isinstance(outputs, dict):
+        name = meta["data"]["column"]["name"]
+        return tok.decode(outputs[name], **{k: v for k, v in outputs.items() if k != name})
+    return tok.decode(outputs)
+
+
+def decode(meta: dict[str, Any], tokens: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+    """Model outputs -> uint8 images (B, H, W, C) with the tokenizer the data was made with."""
+    return decode_with(from_spec(meta["tokenizer"]), meta, tokens)
 
 
 def grid_image(images: torch.Tensor, rows: int, scale: int | None = None):
@@ -132,10 +143,17 @@ def sample_grid(model, meta: dict[str, Any], sample: SampleConfig, out: str | Pa
     labels = [c for c in classes for _ in range(sample.per_label)]
     tokens = generate(model, meta, labels, sample, device)
     images = decode(meta, tokens)
+    pictures = family_of(meta).pictures(meta, tokens, images)  # e.g. grain maps beside the samples
+    written = []
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         grid_image(images, rows=len(classes)).save(out)
-    return {"labels": torch.tensor(labels), "tokens": tokens, "images": images, "sample": asdict(sample)}
+        for name, picture in pictures.items():
+            path = Path(out).with_name(f"{Path(out).stem}-{name}{Path(out).suffix or '.png'}")
+            grid_image(picture, rows=len(classes)).save(path)
+            written.append(str(path))
+    return {"labels": torch.tensor(labels), "tokens": tokens, "images": images, "sample": asdict(sample),
+            "pictures": written}
 
 
 def is_digits(meta: dict[str, Any]) -> bool:

@@ -123,10 +123,10 @@ class SamplerWorker:
 
     def images(self, labels: list[int], seed: int) -> torch.Tensor:
         """labels (B,) -> uint8 images (B, H, W, C) at the model's sampling config."""
-        from raygen.platform.evaluate.sampling import generate
+        from raygen.platform.evaluate.sampling import decode_with, generate
 
         sample = dataclasses.replace(self.sample, seed=seed, batch_size=max(1, len(labels)))
-        return self.tok.decode(generate(self.model, self.meta, labels, sample, self.device))
+        return decode_with(self.tok, self.meta, generate(self.model, self.meta, labels, sample, self.device))
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()

@@ -65,6 +65,7 @@ class TrainPlan:
     storage_path: str
     column: dict[str, Any]  # the data column the family reads: {name, kind, dtype, shape, vocab_size, scale}
     prepared: dict[str, Any]  # families.Prepared as a dict: payload, params, artifacts, export
+    sides: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the side columns the family reads
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,10 +136,11 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
                                 bf16=precision == "bf16", grad_clip=t.grad_clip, raw=t.ds_config)
     storage = str((Path(cfg.workdir) / "checkpoints").resolve())
     column = shards.data_column(manifest)
+    sides = [{"name": c.name, **c.to_json()} for c in shards.columns(manifest) if c.name in family.side_columns]
     return TrainPlan(str(Path(data_dir).resolve()), manifest, family.name, families.module_of(family.name), arch,
                      _jsonable(dataclasses.asdict(resolved)), n_params, workers, cpw, use_gpu, precision, stage,
                      micro, accum, ds_config, storage, {"name": column.name, **column.to_json()},
-                     dataclasses.asdict(prepared))
+                     dataclasses.asdict(prepared), sides)
 
 
 def _jsonable(value: Any) -> Any:
@@ -214,12 +216,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker = MlflowTracker(setup.tracking_uri, setup.run_id) if rank == 0 else NullTracker()
     shard = ray.train.get_dataset_shard("train")
-    check = BatchChecker.of(plan.column, plan.data_dir, plan.manifest)
+    check = BatchChecker.of(plan.column, plan.data_dir, plan.manifest, plan.sides)
 
     def epoch_batches(epoch: int):
         batches = shard.iter_torch_batches(
             batch_size=plan.micro_batch, drop_last=True,
-            dtypes={plan.column["name"]: COLUMN_DTYPES[plan.column["kind"]],
+            dtypes={plan.column["name"]: COLUMN_DTYPES[plan.column["kind"]], **check.side_dtypes(),
                     "label": torch.long, "index": torch.long},
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch * world + rank) if t.shuffle_buffer else None,
@@ -418,8 +420,10 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
 
     column = shards.Column.from_json(plan.column["name"], plan.column)
     ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(
-        [column.name, "label", "index"])
-    n_bytes = plan.manifest["rows"] * (column.size * np.dtype(column.dtype).itemsize + 12)
+        [column.name, *(c["name"] for c in plan.sides), "label", "index"])
+    row_bytes = sum(c.size * np.dtype(c.dtype).itemsize for c in [column, *(
+        shards.Column.from_json(c["name"], c) for c in plan.sides)])
+    n_bytes = plan.manifest["rows"] * (row_bytes + 12)
     if n_bytes < MATERIALIZE_BELOW_BYTES:
         # Small data sets live in the object store once instead of being re-read every epoch.
         ds = ds.materialize()
@@ -487,7 +491,8 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
         return {}
     png = export_dir.parent / f"{export_dir.name}-samples.png"
     s = sample_grid(model, meta, cfg.sample, png)
-    tracking.log_artifact(uri, run_id, png, "samples")
+    for path in [png, *s["pictures"]]:  # and what the family draws beside them (grain maps)
+        tracking.log_artifact(uri, run_id, path, "samples")
     out: dict[str, float] = {}
     if is_digits(meta):
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")

@@ -257,10 +257,17 @@ class BatchChecker:
     column: shards.Column
     data_dir: str
     manifest: dict[str, Any]
+    sides: tuple[shards.Column, ...] = ()  # side columns the family reads, passed under their names
 
     @classmethod
-    def of(cls, column: dict[str, Any], data_dir: str, manifest: dict[str, Any]) -> "BatchChecker":
-        return cls(shards.Column.from_json(column["name"], column), data_dir, manifest)
+    def of(cls, column: dict[str, Any], data_dir: str, manifest: dict[str, Any],
+           sides: list[dict[str, Any]] = ()) -> "BatchChecker":
+        return cls(shards.Column.from_json(column["name"], column), data_dir, manifest,
+                   tuple(shards.Column.from_json(c["name"], c) for c in sides))
+
+    def side_dtypes(self) -> dict[str, torch.dtype]:
+        """How side columns reach the model: floats as float32, integers as int64."""
+        return {c.name: torch.float32 if c.dtype.startswith("float") else torch.long for c in self.sides}
 
     def __call__(self, batch: dict[str, torch.Tensor], device: torch.device,
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -274,18 +281,30 @@ class BatchChecker:
         else:  # images: any uint8 is a pixel
             bad = torch.zeros_like(values, dtype=torch.bool)
         if bool(bad.any()):
-            self._refuse(batch, bad)
+            self._refuse(batch, bad, c)
         data = values if c.kind == "ids" else values.reshape(len(values), *c.stored_shape)  # (B, L, D), (B, H, W, C)
         if c.moments:
             data = draw_latents(data, generator)  # (B, V, 2, L, D) -> (B, L, D)
-        return {"tokens" if c.kind == "ids" else c.name: data.to(device, non_blocking=True),
-                "label": batch["label"].to(device, non_blocking=True)}
+        out = {"tokens" if c.kind == "ids" else c.name: data.to(device, non_blocking=True),
+               "label": batch["label"].to(device, non_blocking=True)}
+        for side in self.sides:
+            values = batch[side.name]  # (B, prod(shape))
+            if side.vocab_size is not None:
+                bad = (values < 0) | (values >= side.vocab_size)
+            else:
+                bad = ~torch.isfinite(values) if values.is_floating_point() else torch.zeros_like(values, dtype=torch.bool)
+            if bool(bad.any()):
+                self._refuse(batch, bad, side)
+            out[side.name] = values.reshape(len(values), *side.shape).to(device, non_blocking=True)
+        return out
 
-    def _refuse(self, batch: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+    def _refuse(self, batch: dict[str, torch.Tensor], bad: torch.Tensor, col: shards.Column) -> None:
         row = int(bad.any(dim=1).nonzero()[0])
         index = int(batch["index"][row])
-        what = (f"token id {int(batch[self.column.name][row][bad[row]][0])} outside [0, {self.column.vocab_size})"
-                if self.column.kind == "ids" else "a non-finite latent value")
+        value = batch[col.name][row][bad[row]][0]
+        what = (f"token id {int(value)} outside [0, {col.vocab_size})" if col.kind == "ids"
+                else f"{col.name} value {int(value)} outside [0, {col.vocab_size})" if col.vocab_size is not None
+                else f"a non-finite {'latent' if col.kind == 'latents' else col.name} value")
         where = locate(self.data_dir, self.manifest, index)
         raise DataError(f"{where} has {what}; the data set changed after it was written: "
                         f"run `raygen data check {self.data_dir}`")
