@@ -37,6 +37,16 @@ eMIGM-L (dim 1024, 16 + 16 blocks, 16 heads, head 8 x 1280) against LlamaGen-sty
 same width and total depth:
 
     python bench/sampling.py --families ar,emigm --width 1024 --layers 32 --heads 16   # eMIGM-L vs ar
+
+`d2it` is the whole D2iT sampler on a `--grid` coarse grid (16: 256 cells, 1024 fine positions):
+the Dynamic Grain Transformer predicts each grain map (`grain_passes_per_image_batch` small AR
+passes), then the Dynamic Content Transformer ((`--layers` - `--d2it-refine-depth`) DiT blocks +
+the RefineNet blocks over the fine grid) runs `--d2it-steps` respaced DDPM steps with CFG.
+`dit` is the plain DiT it is compared with: the same trunk with all `--layers` as DiT blocks on
+the same 256 tokens, no RefineNet, no grain transformer (an all-coarse map), the same sampler.
+Their ratio is the cost of the dynamic parts:
+
+    python bench/sampling.py --families dit,d2it --width 768 --layers 12 --heads 12   # D2iT-B vs DiT-B
 """
 
 from __future__ import annotations
@@ -68,6 +78,12 @@ def arch_for(family: str, args) -> dict:
         return {"dim": width, "depth": layers // 2, "n_head": heads, "head_depth": args.emigm_head_depth,
                 "head_width": args.emigm_head_width, "token_dim": args.emigm_token_dim,
                 "buffer_size": args.emigm_buffer_size}
+    if family in ("d2it", "dit"):  # same total depth: D2iT's DiT blocks + RefineNet blocks = the DiT's blocks
+        refine = args.d2it_refine_depth if family == "d2it" else 0
+        if layers <= refine:
+            raise SystemExit(f"bench/sampling.py: d2it needs --layers above --d2it-refine-depth ({refine})")
+        return {"dim": width, "depth": layers - refine, "n_head": heads, "refine_depth": refine,
+                "token_dim": args.d2it_token_dim}
     raise SystemExit(f"bench/sampling.py: no shape rule for family '{family}'")
 
 
@@ -78,6 +94,11 @@ def knobs_for(family: str, args) -> dict:
         lo, hi = cfg_interval(args.emigm_cfg_interval)
         return {"steps": args.emigm_mask_steps, "solver_steps": args.emigm_solver_steps,
                 "cfg_t_min": lo, "cfg_t_max": hi}
+    if family == "d2it":  # the DGT predicts each grain map, then the DCT samples the content
+        return {"steps": args.d2it_steps, "sampler": "ddpm"}
+    if family == "dit":  # the plain DiT: every cell coarse, no grain transformer
+        return {"steps": args.d2it_steps, "sampler": "ddpm",
+                "grain": torch.zeros(args.batch, args.grid, args.grid, dtype=torch.long)}
     return {}
 
 
@@ -99,6 +120,9 @@ def build(args, arch: dict):
     common = {"vocab_size": args.vocab, "num_classes": 1000, "grid_size": args.grid}
     if args.one == "emigm":
         del common["vocab_size"]  # continuous tokens: the config's vocab_size is unused
+    if args.one in ("d2it", "dit"):
+        del common["vocab_size"]  # continuous latents
+        return build_model("d2it", "debug", **common, **arch)
     if args.one != "ctf":
         return build_model(args.one, "debug", **common, **arch)
     from raygen.models.ctf import CTFPair, Lookup
@@ -159,6 +183,12 @@ def run_one(args) -> dict:
     }
     if args.one == "emigm":
         out.update(emigm_counts(model, once, seconds), bf16_autocast=autocast)
+    if args.one in ("d2it", "dit"):  # the DCT's network calls (a guided step counts 1 nfe, 2 passes)
+        s = model.last_sampling
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        params = count(model.dct) + count(model.dgt) if args.one == "d2it" else count(model.dct) - count(model.dct.refine)
+        out.update(params=params, forward_passes=s["passes"], nfe=s["nfe"],
+                   grain_passes_per_image_batch=s["grain_passes"])
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     else:
@@ -225,6 +255,9 @@ def main() -> None:
     p.add_argument("--emigm-head-width", type=int, default=1280, help="emigm: diffusion-head width (L: 1280)")
     p.add_argument("--emigm-token-dim", type=int, default=16, help="emigm: channels per token (KL-16: 16)")
     p.add_argument("--emigm-buffer-size", type=int, default=64, help="emigm: class-embedding buffer slots")
+    p.add_argument("--d2it-steps", type=int, default=50, help="d2it/dit: respaced DDPM steps (the paper's DiT: 250)")
+    p.add_argument("--d2it-refine-depth", type=int, default=2, help="d2it: RefineNet blocks (of --layers)")
+    p.add_argument("--d2it-token-dim", type=int, default=4, help="d2it/dit: latent channels (DiT's SD-VAE: 4)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto")

@@ -299,7 +299,6 @@ def test_the_pair_loss_is_the_sum_of_its_parts_each_gradient_its_own():
     assert torch.allclose(out["loss"], model.dct(batch, generator=torch.Generator().manual_seed(1))["loss"] + ce,
                           atol=1e-6)
     model.zero_grad()
-    out["grain_loss"].requires_grad_(False)
     model.dgt({"tokens": batch["grain"].long(), "label": batch["label"]})["loss"].backward()
     assert all(p.grad is None for p in model.dct.parameters())  # disjoint: the grain loss never reaches the DCT
 

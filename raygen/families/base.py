@@ -129,6 +129,13 @@ class Family:
                               "sampling knobs")
         return section_from(cls, knobs, "sample.knobs.")
 
+    def check_sample(self, sample: SampleConfig) -> None:
+        """Refuse common sampling options that do not apply to this family, as ConfigErrors (before
+        any work): token filters (top_k, top_p) mean nothing to a family of continuous latents."""
+        if self.data_kind != "ids" and (sample.top_k != 0 or sample.top_p != 1.0):
+            raise ConfigError(f"sample.top_k={sample.top_k} / sample.top_p={sample.top_p} filter token ids; family "
+                              f"{self.name} samples continuous latents (leave them at 0 / 1)")
+
     def generate_kwargs(self, model: GenerativeModel, knobs: Any) -> dict[str, Any]:
         """The keyword arguments the knobs become for this model's generate()/edit()."""
         return dataclasses.asdict(knobs)

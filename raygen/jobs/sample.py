@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from raygen.platform import tracking
     from raygen.platform.evaluate.scoring import resolve_target
     from raygen.platform.evaluate.sampling import (
-        check_samples_alone, edit_grid, is_digits, load_edit_inputs, load_export, sample_grid,
+        check_samples_alone, edit_grid, family_of, is_digits, load_edit_inputs, load_export, sample_grid,
     )
 
     flags = {"sample.labels": args.labels, "sample.per_label": args.per_label, "sample.cfg_scale": args.cfg,
@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     target = resolve_target(args.model, args.overrides, flags)
     cfg, uri, export_dir, run_id = target.cfg, target.uri, target.export_dir, target.run_id
     check_samples_alone(target.meta)
+    family_of(target.meta).check_sample(cfg.sample)
     if args.dry_run:
         print_dry_run(cfg, {"model": export_dir, "run": run_id, **alias_knobs_derived(target.knobs)})
         return 0

@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
         print_dry_run(cfg, {"data.image_size": p.image_size, "data.channels": p.channels, "data.shards": p.out,
                             "source rows": p.source.rows})
         return 0
-    from raygen.platform.data.shards import data_column
+    from raygen.models.tokenizers import CODECS
+    from raygen.platform.data.shards import columns, data_column
 
     r = tokenize(cfg, overwrite=args.overwrite)
     m = r.manifest
@@ -41,5 +42,10 @@ def run(args: argparse.Namespace) -> int:
           f"codec {m['tokenizer']['name']} {m['tokenizer']['fingerprint']}"
           + (f" (models:/{reg['name']}/{reg['version']})" if (reg := m["tokenizer"].get("registry", {})).get("version")
              else ""))
+    for side in (c for c in columns(m) if c.kind == "side"):
+        print(f"  side column {side.name}: {'x'.join(map(str, side.shape))} {side.dtype}")
+    fitted = CODECS[m["tokenizer"]["name"]].describe_state(m["tokenizer"].get("state") or {})
+    if fitted:
+        print(f"  {fitted}")
     print(f"shards: {r.out}")
     return 0

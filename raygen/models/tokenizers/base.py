@@ -94,6 +94,11 @@ class Codec(nn.Module, ABC):
         """State learned from data that the config alone does not determine (JSON)."""
         return {}
 
+    @classmethod
+    def describe_state(cls, state: dict[str, Any]) -> str | None:
+        """One line about a fitted state worth showing the user after tokenizing (None: nothing)."""
+        return None
+
     def spec(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -314,6 +314,10 @@ class DVAECodec(LatentCodec):
     def fitted_state(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "fine_ratio": self.fine_ratio}
 
+    @classmethod
+    def describe_state(cls, state: dict[str, Any]) -> str | None:
+        return f"grain map: fine where entropy > {state['threshold']:.4g} (r_f = {state['fine_ratio']:g})"
+
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "weights": {"checkpoint": self.checkpoint, "seed": self.seed}}
 

@@ -87,6 +87,7 @@ def generate(model, meta: dict[str, Any], labels: list[int], sample: SampleConfi
     """The model's outputs for `labels` (token grids (B, h, w), latents, or a dict of the data
     column and side columns), in batches of sample.batch_size, seeded by sample.seed."""
     family = family_of(meta)
+    family.check_sample(sample)
     knobs = family.check_knobs(sample.knobs, meta)  # once, not per batch
     g = torch.Generator(device=device).manual_seed(sample.seed)
     out = []

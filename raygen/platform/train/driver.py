@@ -95,6 +95,7 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
     prepared = family.prepare(cfg, manifest, data_dir, arch)
     arch.update(prepared.arch)
     family.check_knobs(cfg.sample.knobs)
+    family.check_sample(cfg.sample)
     try:
         resolved = model_config(family.name, cfg.model.size, **arch)
         with torch.device("meta"):
