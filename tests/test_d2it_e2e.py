@@ -72,4 +72,13 @@ def test_dvae_then_d2it_train_register_tokenize_and_sample_with_grain_maps(ray_l
         assert grid.is_file() and (tmp_path / f"{source}-grain.png").is_file()
         assert f"beside them: {tmp_path / f'{source}-grain.png'}" in out
     code, _, err = run_cli("sample", "models:/digits-d2it@latest", f"workdir={tmp_path}", "--top-k", "5")
-    assert code == 2 and "top_k" in err and "Traceback" not in err
+    assert code == 2 and "sample.top_k=5 / sample.top_p=1.0 filter token ids" in err and "Traceback" not in err
+
+    # sweeps: r_f makes one data set per value (tokenized before the trials), RefineNet depth trains on one
+    code, out, err = run_cli("sweep", "d2it-fine-ratio", "--dry-run", f"workdir={tmp_path}")
+    assert code == 0 and "trials: 3 (1 sample(s) x 3 grid point(s))" in out, err
+    assert "3 data sets, one per value of tokenizer.dvae.fine_ratio" in out and "(3 tokenized first)" in out
+    code, out, err = run_cli("sweep", "d2it-fine-ratio", "--dry-run", "--data", str(data), f"workdir={tmp_path}")
+    assert code == 2 and "searches tokenizer.dvae.fine_ratio" in err
+    code, out, err = run_cli("sweep", "d2it-refine", "--dry-run", "--data", str(data), f"workdir={tmp_path}")
+    assert code == 0 and "trials: 3 (1 sample(s) x 3 grid point(s))" in out, err

@@ -153,6 +153,34 @@ def test_a_latent_batch_is_reshaped_and_non_finite_values_refused(tmp_path):
         check(batch, torch.device("cpu"))
 
 
+def test_side_columns_reach_the_model_reshaped_and_out_of_range_values_are_refused(tmp_path):
+    from raygen.platform.train.loop import BatchChecker
+
+    root = make_dataset(tmp_path / "px", codec="pixels")
+    manifest = shards.read_manifest(root)
+    sides = [{"name": "fine", **shards.Column("fine", "side", "float16", (8, 2)).to_json()},
+             {"name": "grain", **shards.Column("grain", "side", "uint8", (4,), vocab_size=2).to_json()}]
+    check = BatchChecker.of({"name": "latents", **shards.data_column(manifest).to_json()}, str(root), manifest, sides)
+    assert check.side_dtypes() == {"fine": torch.float32, "grain": torch.long}
+    batch = {"latents": torch.zeros(3, 64), "fine": torch.randn(3, 16), "grain": torch.tensor([[0, 1, 1, 0]] * 3),
+             "label": torch.zeros(3, dtype=torch.long), "index": torch.arange(3)}
+    out = check(batch, torch.device("cpu"))
+    assert out["fine"].shape == (3, 8, 2) and torch.equal(out["fine"].flatten(1), batch["fine"])
+    assert out["grain"].shape == (3, 4) and set(out) == {"latents", "fine", "grain", "label"}
+    batch["grain"][1, 2] = 2
+    with pytest.raises(DataError, match=r"shard-00000.parquet row 1 \(source row 1\) has grain value 2 outside \[0, 2\)"):
+        check(batch, torch.device("cpu"))
+    batch["grain"][1, 2] = 1
+    batch["fine"][0, 3] = float("nan")
+    with pytest.raises(DataError, match=r"row 0 \(source row 0\) has a non-finite fine value"):
+        check(batch, torch.device("cpu"))
+    # `raygen data check` applies the same rules to side columns
+    assert shards.check_values(shards.Column("grain", "side", "uint8", (4,), vocab_size=2),
+                               np.array([0, 1, 3], np.uint8)) == "grain values in [0, 3], outside [0, 2)"
+    assert "non-finite" in shards.check_values(shards.Column("fine", "side", "float32", (2,)),
+                                               np.array([0.0, np.inf], np.float32))
+
+
 def test_a_manifest_with_an_unknown_column_kind_is_refused(tmp_path):
     root = make_dataset(tmp_path / "ids")
     manifest = json.loads((root / "manifest.json").read_text())

@@ -31,7 +31,12 @@ def _error(raw, match, base=None):
 
 
 def test_presets_parse_and_their_spaces_fit_their_base_configs():
-    assert spec_names() == ["arpg-cfg", "ctf-clusters", "emigm-masking", "emigm-sampling", "lr-schedule"]
+    assert spec_names() == ["arpg-cfg", "ctf-clusters", "d2it-fine-ratio", "d2it-refine", "emigm-masking",
+                            "emigm-sampling", "lr-schedule"]
+    for name in ("d2it-fine-ratio", "d2it-refine"):
+        d2it = load_spec(name)
+        assert d2it.kind == "train" and d2it.trials == 3 and d2it.metric == "eval/class_acc"
+        check_space(d2it, load_config("d2it-digits"))
     lr = load_spec("lr-schedule")
     assert lr.kind == "train" and lr.trials == 6 and lr.scheduler.name == "asha"
     assert lr.metric == "eval/class_acc" and lr.mode == "max" and lr.scheduler.metric == "train/loss"
@@ -135,6 +140,25 @@ def test_plan_fixes_the_trial_resources_and_checks_asha_against_the_steps(tmp_pa
         plan_sweep(parse_spec({**raw, "data": str(tmp_path / "none")}), [f"workdir={tmp_path}"], cpus=2, gpus=0)
     with pytest.raises(UserError, match="--model goes with sample-time sweeps"):
         plan_sweep(parse_spec(raw), [f"workdir={tmp_path}"], model="models:/m@x", cpus=2, gpus=0)
+
+
+def test_a_sweep_over_tokenizer_keys_tokenizes_one_data_set_per_value(tmp_path):
+    raw = {**TRAIN, "space": {"tokenizer.palette.size": {"grid": [8, 16]}, "train.lr": {"grid": [1e-3, 2e-3]}}}
+    plan = plan_sweep(parse_spec(raw), [f"workdir={tmp_path}", "train.workers=1"], cpus=2, gpus=0)
+    assert plan.data_keys == ["tokenizer.palette.size"] and plan.tokenize_first
+    root = tmp_path.resolve() / "data" / f"digits-palette-8-sweep-{plan.spec.name}"
+    assert plan.data_dirs == {"palette.size=8": str(root / "palette.size=8"), "palette.size=16": str(root / "palette.size=16")}
+    assert plan.data_dir_for({"tokenizer.palette.size": 16, "train.lr": 1e-3}) == str(root / "palette.size=16")
+    from raygen.platform.sweep.driver import _tokenizations
+
+    made = _tokenizations(plan)
+    assert [(c.tokenizer.palette.size, c.data.shards) for c, _ in made] == [(8, str(root / "palette.size=8")),
+                                                                          (16, str(root / "palette.size=16"))]
+    with pytest.raises(ConfigError, match="changes the data set, so each value is tokenized"):
+        plan_sweep(parse_spec({**raw, "space": {"tokenizer.palette.size": {"uniform": [8, 16]}}}),
+                   [f"workdir={tmp_path}"], cpus=2, gpus=0)
+    with pytest.raises(UserError, match="searches tokenizer.palette.size, so every trial's data set is tokenized"):
+        plan_sweep(parse_spec({**raw, "data": str(tmp_path)}), [f"workdir={tmp_path}"], cpus=2, gpus=0)
 
 
 @pytest.mark.parametrize("kw, want", [

@@ -121,10 +121,48 @@ class SweepPlan:
     resources: Resources
     data_dir: str | None = None  # train
     tokenize_first: bool = False  # train: the base config's data set is not there yet
+    data_keys: list[str] = field(default_factory=list)  # train: searched tokenizer.*/data.* keys
+    data_dirs: dict[str, str] = field(default_factory=dict)  # train: data_key(values) -> that tokenization's set
+
+    def data_dir_for(self, values: dict[str, Any]) -> str:
+        """The data set a trial with these values trains on."""
+        return self.data_dirs[data_key(values, self.data_keys)] if self.data_keys else self.data_dir
     target: Any = None  # sample: evaluate.EvalTarget of the swept model
     model: str | None = None  # sample: the swept model's reference (the spec's, or --model)
     asha: dict[str, Any] | None = None  # ASHAScheduler arguments
     notes: list[str] = field(default_factory=list)
+
+
+DATA_PREFIXES = ("tokenizer.", "data.")  # keys that change the data set itself: one tokenization per value
+
+
+def data_key(values: dict[str, Any], keys: list[str]) -> str:
+    """The tokenization a trial's values select, as a stable string (its data set's name)."""
+    return ",".join(f"{k.split('.', 1)[1]}={values[k]}" for k in keys)
+
+
+def _data_sets(spec: SweepSpec, base: Config) -> tuple[list[str], dict[str, str]]:
+    """Searched tokenizer.*/data.* keys and, for each combination of their values, the data set
+    directory it is tokenized into (<base data dir>-sweep-<name>/<key=value,...>)."""
+    import itertools
+
+    from raygen.platform.data.tokenize import data_dir_of
+
+    keys = [d.key for d in spec.space if d.key.startswith(DATA_PREFIXES)]
+    if not keys:
+        return [], {}
+    if "data.shards" in keys:
+        raise ConfigError("sweep space: data.shards names a data set; search how it is made (tokenizer.*) instead")
+    ranged = [d.key for d in spec.space if d.key in keys and d.kind not in ("grid", "choice")]
+    if ranged:
+        raise ConfigError(f"sweep space: {ranged[0]} changes the data set, so each value is tokenized before the "
+                          "trials start: give it a grid or a choice, not a range")
+    root = Path(data_dir_of(base))
+    dirs = {}
+    for combo in itertools.product(*(d.values for d in spec.space if d.key in keys)):
+        values = dict(zip(keys, combo))
+        dirs[data_key(values, keys)] = str(root.parent / f"{root.name}-sweep-{spec.name}" / data_key(values, keys))
+    return keys, dirs
 
 
 def _absolute_paths(cfg: Config) -> Config:
@@ -162,6 +200,10 @@ def plan_sweep(spec: SweepSpec, overrides: list[str] | tuple[str, ...] = (), *, 
     flags = {"data.shards": data or spec.data, "tracking.uri": tracking_uri}
     base = _absolute_paths(load_config(spec.base, overrides, **flags))
     check_space(spec, base)
+    data_keys, data_dirs = _data_sets(spec, base)
+    if data_keys and (data or spec.data or base.data.shards):
+        raise UserError(f"sweep {spec.name} searches {data_keys[0]}, so every trial's data set is tokenized for "
+                        "it; drop --data / data.shards")
     t = base.train
     res = plan_resources("train", cpus=cpus, gpus=gpus, trials=spec.trials, cap=spec.max_concurrent_trials,
                          workers=t.workers, cpus_per_worker=t.cpus_per_worker, use_gpu=t.use_gpu)
@@ -170,10 +212,19 @@ def plan_sweep(spec: SweepSpec, overrides: list[str] | tuple[str, ...] = (), *, 
     from raygen.platform.data.tokenize import data_dir_of
 
     data_dir = str(Path(data_dir_of(base)).resolve())
-    plan = SweepPlan(spec, base, tracking.tracking_uri(base.workdir, base.tracking.uri), res, data_dir)
+    plan = SweepPlan(spec, base, tracking.tracking_uri(base.workdir, base.tracking.uri), res, data_dir,
+                     data_keys=data_keys, data_dirs=data_dirs)
     from raygen.platform.data import shards
 
-    if not (Path(data_dir) / shards.MANIFEST).is_file():
+    if data_keys:
+        plan.data_dir = next(iter(data_dirs.values()))
+        missing = [d for d in data_dirs.values() if not (Path(d) / shards.MANIFEST).is_file()]
+        plan.tokenize_first = bool(missing)
+        plan.notes.append(f"{len(data_dirs)} data sets, one per value of {', '.join(data_keys)}, under "
+                          f"{Path(plan.data_dir).parent}" + (f" ({len(missing)} tokenized first)" if missing else ""))
+        if not missing:
+            check_train_trials(plan)
+    elif not (Path(data_dir) / shards.MANIFEST).is_file():
         if data or spec.data or base.data.shards:
             raise UserError(f"no data set at '{data_dir}' (no {shards.MANIFEST}); run `raygen tokenize` first")
         plan.tokenize_first = True
@@ -196,7 +247,7 @@ def check_train_trials(plan: SweepPlan) -> None:
         cfg = trial_config(plan.base, values)
         try:
             p = plan_training(cfg, cluster_cpus=cpus, cluster_gpus=float(res.workers or 0) if res.use_gpu else 0.0,
-                              data_dir=plan.data_dir)
+                              data_dir=plan.data_dir_for(values))
         except UserError as e:
             where = ", ".join(f"{k}={v}" for k, v in values.items())
             raise type(e)(f"trial with {where}: {e.message}") from None
@@ -334,6 +385,24 @@ def _existing_child(ctx: dict[str, Any], trial_id: str) -> str | None:
     return None
 
 
+def _tokenizations(plan: SweepPlan) -> list[tuple[Config, str]]:
+    """(config, note) of each data set the sweep tokenizes before its trials (one per searched value)."""
+    if not plan.data_keys:
+        return [(plan.base, "")]
+    out = []
+    for values in _data_combos(plan):
+        cfg = trial_config(plan.base, {**values, "data.shards": plan.data_dir_for(values)})
+        out.append((cfg, f" ({', '.join(f'{k}={v}' for k, v in values.items())})"))
+    return out
+
+
+def _data_combos(plan: SweepPlan) -> list[dict[str, Any]]:
+    import itertools
+
+    dims = [d for d in plan.spec.space if d.key in plan.data_keys]
+    return [dict(zip(plan.data_keys, combo)) for combo in itertools.product(*(d.values for d in dims))]
+
+
 def _report_callback(final_step: int):
     """Tune's TuneReportCallback, minus the last training report: the trial reports the end itself,
     after the export and the sample grid, so no scheduler can stop it in between."""
@@ -367,7 +436,8 @@ def _train_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     values = _trial_values(config, ctx["keys"])
     cfg = trial_config(Config.from_dict(ctx["base"]), {**values, "tracking.run_name": _run_name(ctx, trial_id)})
     try:
-        r = train(cfg, data_dir=ctx["data_dir"], resume_run=_existing_child(ctx, trial_id), parent_run_id=ctx["parent"],
+        data_dir = ctx["data_dirs"][data_key(values, ctx["data_keys"])] if ctx.get("data_keys") else ctx["data_dir"]
+        r = train(cfg, data_dir=data_dir, resume_run=_existing_child(ctx, trial_id), parent_run_id=ctx["parent"],
                   run_tags={SWEEP_TAG: ctx["name"], TRIAL_TAG: trial_id},
                   callbacks=[_report_callback(cfg.train.steps)])
     except TrainingAborted:  # a diverged trial is a result, not a failure to retry
@@ -480,10 +550,11 @@ def run_sweep(plan: SweepPlan, *, out: Callable[[str], None] = print) -> SweepRe
         if plan.tokenize_first:
             from raygen.platform.data.tokenize import tokenize
 
-            data = tokenize(plan.base, progress=False)
-            out(f"sweep: data {data.manifest['rows']} rows -> {data.out}")
+            for cfg, where in _tokenizations(plan):
+                data = tokenize(cfg, progress=False)
+                out(f"sweep: data {data.manifest['rows']} rows -> {data.out}{where}")
             check_train_trials(plan)
-        ctx.update(base=plan.base.to_dict(), data_dir=plan.data_dir)
+        ctx.update(base=plan.base.to_dict(), data_dir=plan.data_dir, data_keys=plan.data_keys, data_dirs=plan.data_dirs)
     uri = plan.uri
     if tracking.needs_local_server(uri) and sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
         raise UserError(f"the tracking store {uri} is a SQLite file, and the MLflow server raygen would start in front "
