@@ -175,7 +175,7 @@ def run_one(args) -> dict:
     out = {
         "params": model.num_params(),
         "arch": arch,
-        "knobs": knobs,
+        "knobs": {k: ("all coarse" if k == "grain" else v) for k, v in knobs.items()},
         "seconds_per_batch": seconds,
         "images_per_s": args.batch / seconds,
         "forward_passes": getattr(model, "last_forward_passes",

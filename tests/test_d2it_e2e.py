@@ -58,8 +58,8 @@ def test_dvae_then_d2it_train_register_tokenize_and_sample_with_grain_maps(ray_l
     assert {"train/loss_coarse", "train/loss_fine", "train/grain_loss", "train/grain_acc", "train/fine_frac"} <= set(
         metrics)
     assert 0.3 < metrics["train/fine_frac"] < 0.5
-    assert sorted(a.path for a in client.list_artifacts(run_id, "samples")) == [
-        "samples/model-samples-grain.png", "samples/model-samples.png"]
+    grids = sorted(a.path for a in client.list_artifacts(run_id, "samples"))
+    assert len(grids) == 2 and grids[0].endswith("-samples-grain.png") and grids[1].endswith("-samples.png")
     code, _, err = run_cli("models", "--workdir", str(tmp_path), "register", run_id, "--name", "digits-d2it",
                            "--alias", "latest")
     assert code == 0, err
