@@ -11,6 +11,7 @@ import os
 import re
 import sys
 
+from raygen import console
 from raygen.errors import UserError, find_user_error
 from raygen.families import all_families
 from raygen.jobs import config as config_job
@@ -37,10 +38,18 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"raygen: error: {message} (see `{self.prog} --help`)\n")
 
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            console.err().write(message)  # the terminal, also when the libraries' stderr goes to a file
+        sys.exit(status)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="raygen", description="Distributed training of token-based image generators on Ray.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (any position)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' logs (Ray, Ray Data/Train/Tune, DeepSpeed, MLflow) on the console "
+                        "instead of a log file (any position)")
     sub = p.add_subparsers(dest="job", required=True, metavar="JOB", parser_class=_Parser)
     for job in JOBS:
         job.add_parser(sub)
@@ -55,7 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     # `--` it belongs to the command that `raygen submit` runs on the cluster.
     cut = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:cut] or os.environ.get("RAYGEN_DEBUG") == "1"
-    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
+    verbose = debug or "--verbose" in argv[:cut] or os.environ.get("RAYGEN_VERBOSE") == "1"
+    argv = [a for a in argv[:cut] if a not in ("--debug", "--verbose")] + argv[cut:]
+    if not verbose and argv[:1] != ["--help"] and "-h" not in argv[:cut]:
+        console.quiet()  # the libraries' logs go to a file; raygen's own lines stay on the terminal
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may come after options too (`raygen sample M --out x.png sample.top_k=5`),
@@ -73,13 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("raygen: interrupted", file=sys.stderr)
+        print("raygen: interrupted", file=console.err())
         return 130
     except Exception as e:  # noqa: BLE001 - the one place errors become exit codes
         user = find_user_error(e)
         if user is None or debug:
-            raise
-        print(f"raygen: error: {user.message}", file=sys.stderr)
+            if not console.is_quiet():
+                raise
+            import traceback
+
+            traceback.print_exc()  # into the log, and on the console: a bug is not a one-liner
+            traceback.print_exc(file=console.err())
+            print(f"raygen: the libraries' logs are in {console.log_path()}", file=console.err())
+            return 1
+        print(f"raygen: error: {user.message}", file=console.err())
         return UserError.exit_code
 
 

@@ -291,11 +291,19 @@ def find_yaml(name: str, directory: Path, what: str, listing: str) -> Path:
     return named
 
 
+def yaml_problem(e: Exception) -> str:
+    """A YAML error as one line: ' at line L, column C: what' (PyYAML's own message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return f"{where}: {problem}"
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"preset '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"preset '{path}' is not valid YAML{yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset '{path}' must be a mapping of config keys")
     return data

@@ -47,9 +47,15 @@ def _registered(store, tmp_path):
 
 
 def test_default_store_is_sqlite_in_workdir(tmp_path, monkeypatch):
+    import socket
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert tracking.tracking_uri(str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert tracking.tracking_uri(str(tmp_path), "http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    with socket.socket() as server:  # a server that answers (the URI is checked for reachability)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        http = f"http://127.0.0.1:{server.getsockname()[1]}"
+        assert tracking.tracking_uri(str(tmp_path), http) == http
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////x.db")
     assert tracking.tracking_uri(str(tmp_path), "http://127.0.0.1:5000") == "sqlite:////x.db"
 

@@ -56,6 +56,8 @@ def test_zero_stage_trains_restarts_after_a_worker_failure_and_exports(stage, wo
     steps = [s for s, _ in metrics["train/loss"]]
     # steps 2 and 4 ran before the failure at 6; the group restarted from step 4 and ended at 8
     assert steps[:2] == [2, 4] and steps[-1] == 8 and 6 in steps
+    assert steps == sorted(set(steps))  # the restart re-ran steps 5-6: each is in the curve once
+    assert metrics["train/restarts"] == [(4, 1.0)] and run.data.tags["raygen.attempts"] == "2"
     for key in ("train/lr", "perf/samples_per_s", "perf/data_wait_frac", "mem/peak_gb", "eval/class_acc"):
         assert key in metrics, key
     assert 0 <= metrics["perf/data_wait_frac"][-1][1] <= 1

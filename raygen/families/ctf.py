@@ -305,7 +305,7 @@ class CTF(Family):
 
 def run_cluster(args: argparse.Namespace) -> int:
     """`raygen cluster`: k-means over a data set's codebook -> a fine->coarse lookup file."""
-    from raygen.jobs.common import print_dry_run, resolve
+    from raygen.jobs.common import check_writable, print_dry_run, resolve
     from raygen.platform.data import shards
     from raygen.platform.data.tokenize import data_dir_of
 
@@ -317,6 +317,8 @@ def run_cluster(args: argparse.Namespace) -> int:
     if args.dry_run:
         print_dry_run(cfg, {"data": data_dir, "out": out})
         return 0
+    if args.out:
+        check_writable(args.out, "--out")
     lookup, meta = cluster_dataset(manifest, c.clusters, seed=c.seed, iters=c.iters)
     path = write_lookup(out, lookup, meta)
     sizes = meta["cluster_sizes"]

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     data = tokenize(cfg, progress=False)
     print(f"[1/4] data: {data.manifest['rows']} digits -> {data.out} "
           f"({'up to date' if data.up_to_date else f'{data.seconds:.0f} s'})")
-    result = train(cfg, data_dir=str(data.out))
+    result = train(cfg, data_dir=str(data.out), progress=True)
     print(f"[2/4] trained {cfg.model.family}-{cfg.model.size} for {result.steps} steps in {result.seconds:.0f} s "
           f"(run {result.run_id}, final loss {result.metrics.get('train/loss', float('nan')):.3f})")
     name = f"digits-{cfg.model.family}"

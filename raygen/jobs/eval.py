@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from raygen.jobs.common import alias_knobs_derived, print_alias_knobs, print_dry_run
+from raygen.jobs.common import alias_knobs_derived, check_writable, print_alias_knobs, print_dry_run
 
 
 def add_parser(sub) -> None:
@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if args.dry_run:
             print_dry_run(cfg, {"data": args.make_reference, "out": args.out})
             return 0
+        check_writable(args.out, "--out")
         ref = evaluate.make_reference(cfg, args.make_reference, args.out)
         stats = ", ".join(f"{k} ({v['n']} images, weights {v['fingerprint']})" for k, v in ref.stats.items())
         print(f"reference {ref.path}: {ref.resolution} images; {stats}")

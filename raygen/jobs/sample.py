@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from raygen.jobs.common import alias_knobs_derived, print_alias_knobs, print_dry_run
+from raygen.jobs.common import alias_knobs_derived, check_writable, print_alias_knobs, print_dry_run
 
 
 def add_parser(sub) -> None:
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cfg, uri, export_dir, run_id = target.cfg, target.uri, target.export_dir, target.run_id
     check_samples_alone(target.meta)
     family_of(target.meta).check_sample(cfg.sample)
+    check_writable(args.out, "--out")
     if args.dry_run:
         print_dry_run(cfg, {"model": export_dir, "run": run_id, **alias_knobs_derived(target.knobs)})
         return 0

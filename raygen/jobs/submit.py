@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from raygen import console
+
 ADDRESS_HELP = "the cluster's dashboard, http://HEAD:8265; default: RAY_ADDRESS"
 
 
@@ -66,7 +68,7 @@ def run_submit(args: argparse.Namespace) -> int:
     try:
         details = sm.follow(cluster, job_id)
     except KeyboardInterrupt:
-        print(f"\nraygen: stopped following; {job_id} keeps running (raygen jobs stop {job_id})", file=sys.stderr)
+        print(f"\nraygen: stopped following; {job_id} keeps running (raygen jobs stop {job_id})", file=console.err())
         return 130
     return _report_end(job_id, details)
 
@@ -78,7 +80,7 @@ def _report_end(job_id: str, details) -> int:
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED in {sm.duration(details)}")
     else:
-        print(f"raygen: job {job_id} {status}: {sm.failure_summary(details)}", file=sys.stderr)
+        print(f"raygen: job {job_id} {status}: {sm.failure_summary(details)}", file=console.err())
     return sm.exit_code(details)
 
 

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from raygen.platform.train.driver import train
 
-    r = train(cfg, data_dir=data_dir, resume_run=args.resume)
+    r = train(cfg, data_dir=data_dir, resume_run=args.resume, progress=True)
     m = r.metrics
     print(f"run {r.run_id}: {r.steps} steps in {r.seconds:.0f} s, final loss {m.get('train/loss', float('nan')):.4f}"
           + (f", reconstruction PSNR {m['eval/psnr']:.1f} dB" if "eval/psnr" in m else "")

@@ -21,15 +21,43 @@ MODEL_ARTIFACT = "model"
 
 
 def tracking_uri(workdir: str, uri: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI > tracking.uri > sqlite:///<workdir>/mlflow.db."""
+    """MLFLOW_TRACKING_URI > tracking.uri > sqlite:///<workdir>/mlflow.db. A server (http[s]://)
+    must answer a TCP connection within a few seconds, or this is one UserError naming it."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    if uri:
-        return uri
+    if env or uri:
+        check_reachable(env or uri, "MLFLOW_TRACKING_URI" if env else "tracking.uri")
+        return env or uri
     path = Path(workdir).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+_REACHED: set[str] = set()  # servers this process has already reached
+CONNECT_TIMEOUT_S = 3.0
+
+
+def check_reachable(uri: str, where: str) -> None:
+    """Connect to an http(s) tracking server's host and port once per process; refuse quickly with
+    one line instead of MLflow's retries and traceback."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https") or uri in _REACHED:
+        return
+    import socket
+
+    from raygen.errors import UserError
+
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "localhost", port), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "connection refused" if isinstance(e, ConnectionRefusedError) else (
+            f"no answer in {CONNECT_TIMEOUT_S:g} s" if isinstance(e, socket.timeout) else str(e) or type(e).__name__)
+        raise UserError(f"cannot reach the MLflow tracking server {uri} ({where}): {reason}; start it, or unset "
+                        f"{where} to track in sqlite:///<workdir>/mlflow.db") from None
+    _REACHED.add(uri)
 
 
 def _client(uri: str):
@@ -130,13 +158,30 @@ class MlflowTracker:
         self.uri, self.run_id = uri, run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        log_metrics(self.uri, self.run_id, metrics, step)
+        if step > self.logged_until:
+            log_metrics(self.uri, self.run_id, metrics, step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         log_artifact(self.uri, self.run_id, path, artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
         _client(self.uri).set_tag(self.run_id, key, value)
+
+    def resumed(self, step: int, metric: str = "train/loss") -> None:
+        """A restarted worker group resumes at `step`: count the attempt (tag raygen.attempts, metric
+        train/restarts at that step) and skip, from now on, log steps the run already holds, so a
+        curve has one point per step however many times its steps ran."""
+        client = _client(self.uri)
+        run = client.get_run(self.run_id)
+        attempts = int(run.data.tags.get(ATTEMPTS_TAG, "1")) + 1
+        client.set_tag(self.run_id, ATTEMPTS_TAG, str(attempts))
+        self.logged_until = max((m.step for m in client.get_metric_history(self.run_id, metric)), default=-1)
+        log_metrics(self.uri, self.run_id, {"train/restarts": attempts - 1}, step)
+
+    logged_until: int = -1  # log steps up to here are already in the run (from an earlier attempt)
+
+
+ATTEMPTS_TAG = "raygen.attempts"
 
 
 class NullTracker:
@@ -149,6 +194,9 @@ class NullTracker:
         pass
 
     def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def resumed(self, step: int, metric: str = "train/loss") -> None:
         pass
 
 

@@ -25,7 +25,10 @@ def init_ray(cfg: RayConfig) -> None:
 
         raise UserError(f"Ray address {address} is a dashboard, which `raygen submit` / `raygen jobs` talk to; "
                         "to run there use `raygen submit -- <command>`, or unset RAY_ADDRESS to run here")
-    common = dict(logging_level=logging.WARNING, log_to_driver=True)
+    from raygen import console
+
+    # Quiet (the default on the command line): the workers' output stays in the session's log files.
+    common = dict(logging_level=logging.WARNING, log_to_driver=not console.is_quiet())
     if address:
         ray.init(address=address, **common)
     else:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from raygen import console
+from raygen.config import yaml_problem
 from raygen.errors import UserError
 
 # gitignore-style patterns, relative to the repo root (Ray's own defaults add .git and .venv).
@@ -173,7 +175,7 @@ def load_runtime_env(text: str | None) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text() if path.is_file() else text)
     except yaml.YAMLError as e:
-        raise UserError(f"{source} is not valid YAML/JSON: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{source} is not valid YAML/JSON{yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise UserError(f"{source} must be a mapping (e.g. '{{\"pip\": [\"einops\"]}}' or a YAML file); "
                         f"got {text!r}")
@@ -342,7 +344,7 @@ def follow(cluster: Cluster, job_id: str, out: TextIO | None = None):
         except RuntimeError as e:  # the log socket closed early: fall back to polling
             if "does not exist" in str(e):
                 raise
-            print(f"(log stream ended early: {e}; waiting for the job)", file=sys.stderr)
+            print(f"(log stream ended early: {e}; waiting for the job)", file=console.err())
     return wait(cluster, job_id)
 
 

@@ -9,7 +9,6 @@ finished data set into place atomically. Re-running with the same settings is a 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raygen import console
 from raygen.config import Config, TokenizerConfig
 from raygen.errors import ConfigError, DataError
 from raygen.models.tokenizers import Codec, from_spec
@@ -259,7 +259,7 @@ def tokenize(cfg: Config, *, overwrite: bool = False, progress: bool = True) -> 
             writer.add({c.name: batch[c.name][~bad] for c in [col, *sides]}, batch["label"][~bad], batch["index"][~bad])
             if progress and time.time() - last_report > 10:
                 last_report = time.time()
-                print(f"tokenize: {writer.rows} of {p.source.rows} rows in shards", file=sys.stderr)
+                print(f"tokenize: {writer.rows} of {p.source.rows} rows in shards", file=console.err())
         manifest = writer.finish({
             "schema_version": shards.SCHEMA_VERSION,
             "created": shards.now_iso(),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raygen import console
 from raygen.config import Config, SampleConfig, load_config, parse_labels
 from raygen.errors import ConfigError, UserError
 from raygen.platform.evaluate import metrics as M
@@ -212,7 +212,7 @@ def sample_features(cfg: Config, payload: dict[str, Any], labels: list[int], *, 
             if progress and time.perf_counter() - last > 10:
                 last = time.perf_counter()
                 done = sum(len(x["labels"]) for x in results)
-                print(f"eval: {done} of {len(labels)} images", file=sys.stderr)
+                print(f"eval: {done} of {len(labels)} images", file=console.err())
     finally:
         for a in actors:
             ray.kill(a)

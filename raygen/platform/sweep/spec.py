@@ -32,7 +32,7 @@ from typing import Any, Union
 
 import yaml
 
-from raygen.config import CONFIG_DIR, Config, find_yaml, load_config, suggest
+from raygen.config import CONFIG_DIR, Config, find_yaml, load_config, suggest, yaml_problem
 from raygen.errors import ConfigError, UserError
 
 SWEEP_DIR = CONFIG_DIR / "sweeps"
@@ -160,7 +160,7 @@ def load_spec(spec: str) -> SweepSpec:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise UserError(f"sweep spec '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"sweep spec '{path}' is not valid YAML{yaml_problem(e)}") from None
     return parse_spec(raw, source=str(path), default_name=path.stem)
 
 

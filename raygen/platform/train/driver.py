@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raygen import console
 from raygen import families
 from raygen.config import Config
 from raygen.errors import ConfigError, DataError, UserError
@@ -39,6 +40,7 @@ MATERIALIZE_BELOW_BYTES = 256 * 2**20
 PREVIEW_IMAGES = 16  # the first rows of the data set, reconstructed at sample steps (codec families)
 COLUMN_DTYPES = {"ids": torch.long, "latents": torch.float32, "images": torch.uint8}  # as the model gets them
 ABORT_TAG = "raygen.abort"
+MIN_CPUS_PER_WORKER = 0.5  # below this share a CPU worker group is refused unless train.cpus_per_worker asks for it
 
 # --------------------------------------------------------------------------------------
 # Planning (driver, before any worker starts)
@@ -115,6 +117,12 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
         cpw = max(1.0, min(8.0, (cluster_cpus - 1) / workers))
     else:  # share the CPUs and leave one for Ray Data (two decimals keep Ray's resource math exact)
         cpw = max(0.01, math.floor(100 * max(cluster_cpus - 1, 1) / workers) / 100)
+        if cpw < MIN_CPUS_PER_WORKER:  # more workers than CPUs to run them: they would only wait on each other
+            most = max(1, int(max(cluster_cpus - 1, 1) / MIN_CPUS_PER_WORKER))
+            raise ConfigError(
+                f"train.workers={workers} on a cluster with {cluster_cpus:g} CPUs leaves {cpw:g} CPU per worker "
+                f"(one CPU stays with Ray Data; the floor is {MIN_CPUS_PER_WORKER:g}): use train.workers <= {most}, "
+                "or set train.cpus_per_worker to force this split")
     if workers * cpw > cluster_cpus:
         raise ConfigError(
             f"{workers} workers x {cpw} CPUs do not fit the cluster's {cluster_cpus:g} CPUs; "
@@ -172,6 +180,7 @@ class WorkerSetup:
     tracking_uri: str
     export_meta: dict[str, Any]
     report_log_steps: bool = False  # a listening callback (a sweep's) also gets every log step
+    progress: Any = None  # a ProgressBoard actor rank 0 posts each log window to (the driver draws it)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -233,8 +242,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         draws = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
         return (check(b, device, draws) for b in batches)
 
+    if restored:
+        tracker.resumed(state.step)  # the curves keep one point per step across restarts
+    if rank == 0 and setup.progress is not None:
+        setup.progress.started.remote(state.step)
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
         tracker.log_metrics(metrics, step)
+        if rank == 0 and setup.progress is not None:  # fire and forget: the driver's progress line
+            setup.progress.update.remote(step, metrics)
         if setup.report_log_steps and step < t.steps and step % t.checkpoint_every:
             # Every rank reports the log step (metrics only, rank 0's kept) when a callback listens
             # (a sweep's TuneReportCallback: what ASHA decides on); checkpoint steps report with theirs.
@@ -376,10 +392,12 @@ def export_meta(cfg: Config, plan: TrainPlan, run_id: str) -> dict[str, Any]:
     }
 
 
-def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: bool = False,
+def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress: bool = False,
           parent_run_id: str | None = None, run_tags: dict[str, str] | None = None,
           callbacks: list | tuple = ()) -> TrainResult:
     """Plan, open (or reopen) the MLflow run, fit, export, sample. Returns where everything went.
+
+    With `progress`, the console shows the run's progress while it trains (raygen/platform/train/progress.py).
 
     A sweep trial passes its sweep's run as `parent_run_id` (the new run becomes its child), its
     own `run_tags`, and Ray Train `callbacks` such as Tune's `TuneReportCallback`; with callbacks
@@ -432,10 +450,15 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     # then reads the same rows in the same order in every execution (a restart included), and
     # its per-epoch seeded local shuffle makes the epochs differ. That is what exact resume needs.
     ds = ds.randomize_block_order(seed=cfg.seed)
+    board = None
+    if progress:
+        from raygen.platform.train.progress import new_board
+
+        board = new_board()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"setup": WorkerSetup(cfg, plan, run_id, uri, export_meta(cfg, plan, run_id),
-                                                report_log_steps=bool(callbacks))},
+                                                report_log_steps=bool(callbacks), progress=board)},
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=900),
@@ -449,8 +472,17 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
         dataset_config=DataConfig(enable_shard_locality=False),
     )
     try:
-        result = trainer.fit()
+        if board is not None:
+            from raygen.platform.train.progress import ProgressThread, ProgressView
+
+            print(f"train: {plan.family}-{cfg.model.size} ({plan.n_params:,} parameters) on {plan.workers} "
+                  f"worker(s), ZeRO-{plan.zero_stage}, {plan.precision}; run {run_id}", file=console.err(), flush=True)
+            with ProgressThread(board, ProgressView(cfg.train.steps)):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
     except Exception as e:  # noqa: BLE001 - training errors end the MLflow run as FAILED
+        log_console_file(uri, run_id)
         tracking.set_terminated(uri, run_id, "FAILED")
         raise TrainingFailed.of(run_id, e) from e
     metrics = dict(result.metrics or {})
@@ -476,6 +508,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, quiet: b
     else:
         tracking.log_artifact(uri, run_id, export_dir, tracking.MODEL_ARTIFACT)
         final_metrics = finish_with_samples(cfg, uri, run_id, export_dir)
+    log_console_file(uri, run_id)
     tracking.set_terminated(uri, run_id, "FINISHED")
     return TrainResult(run_id, uri, export_dir, int(metrics.get("step", cfg.train.steps)),
                        {**metrics, **final_metrics}, time.time() - t0)
@@ -566,9 +599,41 @@ class TrainingFailed(UserError):
         from raygen.errors import find_user_error
 
         user = find_user_error(cause)  # e.g. a worker's DataError naming the bad shard and row
-        lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-        detail = user.message if user else (lines[-1] if lines else type(cause).__name__)[:400]
-        return cls(f"training failed (run {run_id}): {detail}; continue it with `raygen train --resume {run_id}`")
+        failures = getattr(cause, "worker_failures", None) or {}  # Ray Train's WorkerGroupError: rank -> error
+        rank, first = min(failures.items(), key=lambda kv: kv[0]) if failures else (None, cause)
+        lines = [ln for ln in str(first).strip().splitlines() if ln.strip()]
+        detail = user.message if user else (lines[-1] if lines else type(first).__name__)[:400]
+        where = f"rank {rank}: " if rank is not None and not user else ""
+        logs = f"; the workers' logs: {session_logs()}" if console.is_quiet() and not user else ""
+        return cls(f"training failed (run {run_id}): {where}{detail}{logs}; continue it with "
+                   f"`raygen train --resume {run_id}`")
+
+
+def session_logs() -> str:
+    """The Ray session's log directory (every worker's stdout and stderr), or where to look."""
+    try:
+        import ray
+
+        return str(Path(ray._private.worker._global_node.get_session_dir_path()) / "logs")
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        return "/tmp/ray/session_latest/logs"
+
+
+def log_console_file(uri: str, run_id: str) -> None:
+    """Attach the command's log file (the libraries' output, when quiet) to the run as logs/raygen.log."""
+    path = console.log_path()
+    if path is None or not path.is_file():
+        return
+    import shutil
+
+    from raygen.platform import tracking
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(path, Path(tmp) / "raygen.log")
+        try:
+            tracking.log_artifact(uri, run_id, Path(tmp) / "raygen.log", "logs")
+        except Exception:  # noqa: BLE001 - the log is a convenience; the run's result stands
+            pass
 
 
 def run_config_of(uri: str, run_id: str) -> dict[str, Any]:
