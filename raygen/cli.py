@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv[:cut] or os.environ.get("RAYGEN_DEBUG") == "1"
     verbose = debug or "--verbose" in argv[:cut] or os.environ.get("RAYGEN_VERBOSE") == "1"
     argv = [a for a in argv[:cut] if a not in ("--debug", "--verbose")] + argv[cut:]
+    if hasattr(sys.stdout, "reconfigure"):  # results and progress interleave in order, also through a pipe
+        sys.stdout.reconfigure(line_buffering=True)
     if not verbose and argv[:1] != ["--help"] and "-h" not in argv[:cut]:
         console.quiet()  # the libraries' logs go to a file; raygen's own lines stay on the terminal
     parser = build_parser()

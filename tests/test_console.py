@@ -46,6 +46,24 @@ def test_off_a_terminal_plain_lines_come_at_the_interval_and_at_the_end():
     assert len(frequent.getvalue().splitlines()) == 2  # a step already drawn is not drawn again
 
 
+def test_on_a_terminal_a_tqdm_bar_is_redrawn_in_place():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    board = ProgressBoard()
+    board.started(0)
+    view = ProgressView(100, out=out)
+    for step in (20, 40):
+        board.update(step, M)
+        view.show(board.snapshot())
+    view.close()
+    text = out.getvalue()
+    assert "\r" in text and "train" in text and "40/100" in text and "loss 2.5000 | 120.0 samples/s" in text
+    assert "train: step" not in text  # no plain lines on a terminal
+
+
 def _run(code: str, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
 
