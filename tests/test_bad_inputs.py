@@ -62,6 +62,21 @@ def test_an_output_file_that_cannot_be_written_is_refused_before_the_work(tmp_pa
         check_writable(str(tmp_path / "file" / "s.png"), "--out")
     with pytest.raises(UserError, match=r"--out '/proc/s.png' cannot be written"):
         check_writable("/proc/s.png", "--out")
+    check_writable(str(tmp_path), "--out", directory=True)  # an existing directory to write into
+    with pytest.raises(UserError, match=r"--out '.*file' is a file; give a directory"):
+        check_writable(str(tmp_path / "file"), "--out", directory=True)
+    with pytest.raises(UserError, match=r"--out '/proc/data' cannot be written"):
+        check_writable("/proc/data", "--out", directory=True)
+    assert [str(f) for f in _files(tmp_path)] == ["file"]
+
+
+def test_tokenizing_into_a_place_that_cannot_be_written_is_refused_before_ray_starts(run_cli, tmp_path):
+    code, _, err = run_cli("tokenize", "--preset", "demo", "--out", "/proc/digits", f"workdir={tmp_path}")
+    assert code == 2 and err == "raygen: error: the data set directory (--out / data.shards) '/proc/digits' cannot " \
+                                "be written: No such file or directory\n"
+    code, _, err = run_cli("train", "--preset", "demo", "workdir=/proc/work")  # no data set there: before Ray
+    assert code == 2 and err == "raygen: error: '/proc/work/data/digits-palette-8' is not a tokenized data set: it " \
+                                "has no manifest.json (make one with `raygen tokenize`)\n"
 
 
 def test_an_unreachable_tracking_server_is_one_line_and_quick(run_cli, tmp_path, monkeypatch):

@@ -142,6 +142,27 @@ def test_plan_fixes_the_trial_resources_and_checks_asha_against_the_steps(tmp_pa
         plan_sweep(parse_spec(raw), [f"workdir={tmp_path}"], model="models:/m@x", cpus=2, gpus=0)
 
 
+def test_the_live_table_of_trials_shows_state_step_loss_and_metric():
+    from types import SimpleNamespace
+
+    from raygen.platform.sweep.driver import trial_table
+
+    spec = parse_spec({**TRAIN, "metric": "eval/class_acc"})
+    trials = [SimpleNamespace(trial_id="a_00000", status="RUNNING", last_result={"step": 120, "train/loss": 1.23456},
+                              config={"train.lr": 0.001}),
+              SimpleNamespace(trial_id="a_00001", status="TERMINATED",
+                              last_result={"step": 300, "train/loss": 0.9, "eval/class_acc": 0.93},
+                              config={"train.lr": 0.002}),
+              SimpleNamespace(trial_id="a_00002", status="PENDING", last_result=None, config={"train.lr": 0.004})]
+    assert trial_table(spec, trials, 95.0).splitlines() == [
+        "sweep: 1 running after 1:35",
+        "  trial    state    step  train/loss  eval/class_acc  values",
+        "  a_00000  running  120   1.235       -               train.lr=0.001",
+        "  a_00001  done     300   0.9         0.93            train.lr=0.002",
+        "  a_00002  pending  -     -           -               train.lr=0.004",
+    ]
+
+
 def test_a_sweep_over_tokenizer_keys_tokenizes_one_data_set_per_value(tmp_path):
     raw = {**TRAIN, "space": {"tokenizer.palette.size": {"grid": [8, 16]}, "train.lr": {"grid": [1e-3, 2e-3]}}}
     plan = plan_sweep(parse_spec(raw), [f"workdir={tmp_path}", "train.workers=1"], cpus=2, gpus=0)

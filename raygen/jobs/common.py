@@ -39,9 +39,10 @@ def alias_knobs_derived(knobs: dict) -> dict:
     return {"sweep knobs": _knobs_text(knobs)} if knobs else {}
 
 
-def check_writable(path: str, what: str) -> None:
-    """Refuse, before any work, an output file that cannot be written: its directory cannot be
-    made or written to, or the path is a directory. Writes nothing when it can."""
+def check_writable(path: str, what: str, *, directory: bool = False) -> None:
+    """Refuse, before any work, an output file (or with `directory`, an output directory) that
+    cannot be written: where it would go cannot be made or written to, or a file is a directory.
+    Writes nothing when it can."""
     import os
     import tempfile
     from pathlib import Path
@@ -49,17 +50,18 @@ def check_writable(path: str, what: str) -> None:
     from raygen.errors import UserError
 
     out = Path(path).expanduser()
-    if out.is_dir():
+    if out.is_dir() and not directory:
         raise UserError(f"{what} '{path}' is a directory; give a file name")
-    parent = out.parent
+    if out.exists() and directory and not out.is_dir():
+        raise UserError(f"{what} '{path}' is a file; give a directory")
+    parent = out if directory and out.is_dir() else out.parent
     existing = next((d for d in [parent, *parent.parents] if d.exists()), None)
     if existing is None or not existing.is_dir():
         raise UserError(f"{what} '{path}': '{existing}' is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+    if not os.access(existing, os.W_OK | os.X_OK) or (out.is_file() and not os.access(out, os.W_OK)):
         raise UserError(f"{what} '{path}' cannot be written (no write permission in '{existing}')")
-    if parent.is_dir():  # permission bits can lie (read-only mounts): try it
-        try:
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".raygen-write-check-"):
-                pass
-        except OSError as e:
-            raise UserError(f"{what} '{path}' cannot be written: {e.strerror or e}") from None
+    try:  # permission bits can lie (root, read-only mounts, /proc): try it where the file would go
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".raygen-write-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"{what} '{path}' cannot be written: {e.strerror or e}") from None

@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from raygen.models.tokenizers import CODECS
     from raygen.platform.data.shards import columns, data_column
 
+    from raygen.jobs.common import check_writable
+
+    check_writable(str(plan(cfg).out), "the data set directory (--out / data.shards)", directory=True)
     r = tokenize(cfg, overwrite=args.overwrite)
     m = r.manifest
     state = "already up to date" if r.up_to_date else f"written in {r.seconds:.1f} s"

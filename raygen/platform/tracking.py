@@ -28,7 +28,13 @@ def tracking_uri(workdir: str, uri: str | None = None) -> str:
         check_reachable(env or uri, "MLFLOW_TRACKING_URI" if env else "tracking.uri")
         return env or uri
     path = Path(workdir).resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from raygen.errors import UserError
+
+        raise UserError(f"workdir '{workdir}' cannot be made ({e.strerror or e}); set workdir= to a directory "
+                        "you can write") from None
     return f"sqlite:///{path / 'mlflow.db'}"
 
 

@@ -714,9 +714,16 @@ def _progress(spec: SweepSpec, out: Callable[[str], None]):
         def __init__(self):
             super().__init__()
             self.ended: set[str] = set()
+            self.t0 = self.last_table = time.monotonic()
 
         def on_trial_start(self, iteration, trials, trial, **info):
             out(f"sweep: trial {trial.trial_id} started ({values(trial)})")
+
+        def on_step_end(self, iteration, trials, **info):  # Tune's loop, many times a second
+            now = time.monotonic()
+            if now - self.last_table >= TABLE_EVERY_S and any(t.status == "RUNNING" for t in trials):
+                self.last_table = now
+                out(trial_table(spec, trials, now - self.t0))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.ended.add(trial.trial_id)
@@ -734,6 +741,24 @@ def _progress(spec: SweepSpec, out: Callable[[str], None]):
             out(f"sweep: trial {trial.trial_id} failed ({values(trial)}); see {trial.path}")
 
     return Progress()
+
+
+TABLE_EVERY_S = 60.0  # how often a sweep prints the table of its trials while some run
+
+
+def trial_table(spec: SweepSpec, trials, elapsed: float) -> str:
+    """The trials as a small table: id, state, step, train/loss, the sweep's metric and the values."""
+    rows = [("trial", "state", "step", "train/loss", spec.metric, "values")]
+    for t in trials:
+        r = t.last_result or {}
+        state = {"TERMINATED": "done", "ERROR": "failed"}.get(t.status, t.status.lower())
+        rows.append((t.trial_id, state, _fmt(r.get("step")), _fmt(r.get("train/loss")), _fmt(r.get(spec.metric)),
+                     ", ".join(f"{k}={_fmt(t.config.get(k))}" for k in (d.key for d in spec.space))))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  " + "  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5] for row in rows]
+    minutes, seconds = divmod(int(elapsed), 60)
+    return f"sweep: {sum(t.status == 'RUNNING' for t in trials)} running after {minutes}:{seconds:02d}\n" + \
+        "\n".join(ln.rstrip() for ln in lines)
 
 
 def _fmt(v: Any) -> str:

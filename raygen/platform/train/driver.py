@@ -411,6 +411,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
     from raygen.platform.cluster.connect import init_ray
 
     t0 = time.time()
+    shards.read_manifest(data_dir)  # no data set there: say so before Ray starts
     init_ray(cfg.ray)
     plan = plan_training(cfg, cluster_cpus=float(ray.cluster_resources().get("CPU", 1)),
                          cluster_gpus=float(ray.cluster_resources().get("GPU", 0)), data_dir=data_dir)
