@@ -10,6 +10,7 @@ is started without forwarding its workers' output (it stays in the Ray session's
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import tempfile
@@ -61,4 +62,15 @@ def quiet(directory: str | Path | None = None) -> Path | None:
     os.close(target)
     _err = os.fdopen(saved, "w", buffering=1)
     _log = path
+    atexit.register(_drop_if_empty, path)
     return path
+
+
+def _drop_if_empty(path: Path) -> None:
+    """A command whose libraries said nothing leaves no log file behind."""
+    try:
+        sys.stderr.flush()
+        if path.stat().st_size == 0:
+            path.unlink()
+    except OSError:
+        pass
