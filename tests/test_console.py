@@ -119,3 +119,16 @@ def test_the_training_console_carries_progress_and_no_library_internals(digits8,
     assert [a.path for a in client.list_artifacts(run_id, "logs")] == ["logs/raygen.log"]
     log = open(client.download_artifacts(run_id, "logs/raygen.log", str(tmp_path))).read()
     assert "mlflow" in log.lower() or "ray" in log.lower()  # the libraries' lines went there
+
+
+def test_a_failing_worker_is_named_by_rank_with_its_last_line():
+    from ray.train import WorkerGroupError
+
+    from raygen.platform.train.driver import TrainingFailed
+
+    cause = WorkerGroupError("2 workers failed", {1: RuntimeError("Traceback ...\n  File x\nRuntimeError: CUDA out of memory"),
+                                                 0: RuntimeError("NCCL timeout")})
+    message = TrainingFailed.of("abc123", cause).message
+    assert message == "training failed (run abc123): rank 0: NCCL timeout; continue it with `raygen train --resume abc123`"
+    one = WorkerGroupError("1 worker failed", {1: RuntimeError("Traceback ...\nRuntimeError: CUDA out of memory")})
+    assert "rank 1: RuntimeError: CUDA out of memory;" in TrainingFailed.of("abc123", one).message
