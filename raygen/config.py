@@ -116,6 +116,9 @@ class TrainConfig:
     prefetch_batches: int = option(2, min=0, help="batches each worker prefetches")
     ds_config: dict[str, Any] = option(help="raw DeepSpeed config merged last (e.g. train.ds_config.zero_optimization.overlap_comm=true)", factory=dict)
     fail_at_step: int | None = option(None, min=1, help="fault injection: the last worker raises at this step on the first attempt")
+    init_from: str | None = option(
+        None, path=True, help="start from this model's weights (models:/NAME@ALIAS, runs:/ID or an export directory) "
+                              "instead of random ones: the same family and architecture")
 
 
 @dataclass

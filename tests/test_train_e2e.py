@@ -122,6 +122,30 @@ def test_resume_after_the_driver_stops_then_registry_and_sampling(workdir, digit
     meta = json.loads((export / "config.json").read_text())
     assert meta["family"] == "ar" and meta["data"]["grid"] == [8, 8] and meta["run_id"] == run_id
 
+    # fine-tuning: train.init_from starts from the registered weights, so the loss starts where the
+    # parent's ended, not where a fresh model's starts; the lineage reaches the registry
+    code, _, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "model.arch.dim=32",
+                           "train.init_from=models:/digits-tiny@latest")
+    assert code == 2 and "train.init_from=models:/digits-tiny@latest has another architecture: dim=64 (this run: 32)" \
+        in err.strip().splitlines()[-1]
+    code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "train.steps=2",
+                             "train.lr=1e-5", "train.warmup_steps=0", "tracking.run_name=finetune",
+                             "train.init_from=models:/digits-tiny@latest")
+    assert code == 0, err
+    child = _run_id_from(out)
+    parent_loss = [v for _, v in metrics["train/loss"]]
+    child_run, child_metrics = _metrics(workdir, child)
+    first = child_metrics["train/loss"][0][1]
+    assert abs(first - parent_loss[-1]) < abs(first - parent_loss[0]), (first, parent_loss)
+    assert child_run.data.tags["raygen.init_from"] == f"models:/digits-tiny/1 (run {run_id})"
+    assert child_run.data.params["train.init_from"] == "models:/digits-tiny@latest"
+    code, out, _ = run_cli("models", "--workdir", str(workdir), "register", child, "--name", "digits-tiny-ft")
+    assert code == 0
+    from mlflow.tracking import MlflowClient
+
+    version = MlflowClient(_uri(workdir)).get_model_version("digits-tiny-ft", "1")
+    assert version.tags["raygen.init_from"] == f"models:/digits-tiny/1 (run {run_id})"
+
 
 def test_manifest_mismatch_is_refused_before_any_worker_starts(workdir, digits8, run_cli):
     code, _, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", "model.arch.vocab_size=32", *TINY)

@@ -227,10 +227,15 @@ def register(uri: str, run_id: str, name: str, alias: str | None = None) -> int:
     source = f"{run.info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
     if alias:
         _check_alias(alias)
-    version = client.create_model_version(name, source=source, run_id=run_id)
+    parent = run.data.tags.get(PARENT_MODEL_TAG)  # a fine-tuned run: its version names where it started
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          tags={PARENT_MODEL_TAG: parent} if parent else None)
     if alias and alias.lower() != LATEST:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+PARENT_MODEL_TAG = "raygen.init_from"  # run and model-version tag: the model a run's weights started from
 
 
 # MLflow reserves `latest`: models:/NAME@latest always resolves to the newest version, so

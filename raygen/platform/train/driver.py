@@ -152,6 +152,39 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
                      dataclasses.asdict(prepared), sides)
 
 
+def resolve_init(cfg: Config, plan: TrainPlan, uri: str) -> tuple[str, str] | None:
+    """train.init_from -> (a local model.pt with the plan's exact state-dict layout, a lineage string
+    such as "models:/digits-ar/3 (run R)"); None without init_from. Another family, a composite
+    export, or another architecture is one ConfigError naming the differing fields."""
+    ref = cfg.train.init_from
+    if not ref:
+        return None
+    from raygen.platform import tracking
+    from raygen.platform.evaluate.sampling import read_export_meta
+
+    version = tracking.model_version(uri, ref) if ref.startswith("models:/") else None
+    cache = Path(cfg.workdir) / "cache" / "models" / (f"{version[0]}-v{version[1]}" if version else ref.rstrip("/").split("/")[-1])
+    local, run_id = tracking.resolve_model(uri, ref, dst=cache if ":/" in ref else None)
+    meta = read_export_meta(local)
+    if meta.get("family") != plan.family:
+        raise ConfigError(f"train.init_from={ref} is a {meta.get('family')} model; this run trains {plan.family}")
+    if not (Path(local) / "model.pt").is_file():
+        raise ConfigError(f"train.init_from={ref} is a composite export (no model.pt); start from one of its runs")
+    state = torch.load(Path(local) / "model.pt", map_location="cpu", weights_only=True)
+    with torch.device("meta"):
+        want = build_model(plan.family, cfg.model.size, **plan.arch).state_dict()
+    bad = sorted(set(want) ^ set(state)) + [k for k in want if k in state and want[k].shape != state[k].shape]
+    if bad:
+        ours, theirs = plan.model_config, meta.get("model_config", {})
+        fields = [f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in ours
+                  if k in theirs and ours[k] != theirs[k]][:4]
+        raise ConfigError(f"train.init_from={ref} has another architecture: "
+                          f"{', '.join(fields) or f'{len(bad)} tensors differ, e.g. {bad[0]}'}; fine-tuning needs "
+                          "the same architecture (the data's classes and vocabulary included)")
+    lineage = f"models:/{version[0]}/{version[1]}" if version else ref
+    return str(Path(local) / "model.pt"), lineage + (f" (run {run_id})" if run_id else "")
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -181,6 +214,7 @@ class WorkerSetup:
     export_meta: dict[str, Any]
     report_log_steps: bool = False  # a listening callback (a sweep's) also gets every log step
     progress: Any = None  # a ProgressBoard actor rank 0 posts each log window to (the driver draws it)
+    init_weights: str | None = None  # train.init_from resolved: a local model.pt every worker starts from
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -206,7 +240,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     importlib.import_module(plan.family_module)  # a plugin from outside raygen registers itself
     family = families.get(plan.family)
-    model = family.build(cfg.model.size, plan.arch, plan.prepared["payload"]).to(device)
+    model = family.build(cfg.model.size, plan.arch, plan.prepared["payload"])
+    if setup.init_weights:  # train.init_from: checked on the driver, loaded before the engine shards it
+        model.load_state_dict(torch.load(setup.init_weights, map_location="cpu", weights_only=True))
+    model = model.to(device)
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
     engine = DeepSpeedEngine(model, optimizer, plan.ds_config)
@@ -416,6 +453,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
     plan = plan_training(cfg, cluster_cpus=float(ray.cluster_resources().get("CPU", 1)),
                          cluster_gpus=float(ray.cluster_resources().get("GPU", 0)), data_dir=data_dir)
     uri = tracking.tracking_uri(cfg.workdir, cfg.tracking.uri)
+    init = resolve_init(cfg, plan, uri)
     if resume_run:
         run_id = resume_run
         tracking.reopen_run(uri, run_id, clear_tags=(ABORT_TAG,))
@@ -430,6 +468,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
         run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": plan.family,
                                                               "raygen.size": cfg.model.size,
                                                               "raygen.data": plan.data_dir, **(run_tags or {}),
+                                                              **({tracking.PARENT_MODEL_TAG: init[1]} if init else {}),
                                                               **({tracking.PARENT_TAG: parent_run_id}
                                                                  if parent_run_id else {})})
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
@@ -459,7 +498,8 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"setup": WorkerSetup(cfg, plan, run_id, uri, export_meta(cfg, plan, run_id),
-                                                report_log_steps=bool(callbacks), progress=board)},
+                                                report_log_steps=bool(callbacks), progress=board,
+                                                init_weights=init[0] if init else None)},
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=900),
