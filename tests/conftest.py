@@ -13,6 +13,14 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_TESTS, os.environ.get("PYTHONPATH")) if p)
 
+# Ray's "ray" logger handler keeps the sys.stderr of the moment Ray configures its logging, which
+# importing ray.train (or ray.data, ray.tune) does again. Import them here, at collection, so that
+# is the session's stream and not the capsys stream of whichever test imports them first (closed
+# after that test: every later Ray log line would then fail).
+import ray.data  # noqa: E402, F401
+import ray.train  # noqa: E402, F401
+import ray.tune  # noqa: E402, F401
+
 
 @pytest.fixture(scope="module")
 def one_thread():

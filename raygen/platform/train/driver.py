@@ -154,7 +154,7 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
 
 def resolve_init(cfg: Config, plan: TrainPlan, uri: str) -> tuple[str, str] | None:
     """train.init_from -> (a local model.pt with the plan's exact state-dict layout, a lineage string
-    such as "models:/digits-ar/3 (run R)"); None without init_from. Another family, a composite
+    such as "models:/NAME/3 (run R)"); None without init_from. Another family, a composite
     export, or another architecture is one ConfigError naming the differing fields."""
     ref = cfg.train.init_from
     if not ref:
