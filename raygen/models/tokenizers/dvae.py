@@ -38,8 +38,6 @@ from raygen.models.tokenizers.kl import (
     KLConfig,
     KLDecoder,
     KLEncoder,
-    _run_level,
-    _run_middle,
     check_kl_state_dict,
     is_export,
     load_kl_state_dict,
@@ -85,12 +83,7 @@ class DVAEEncoder(KLEncoder):
         self.coarse_out = nn.Conv2d(width, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        h = self.conv_in(x)  # (B, ch, H, W)
-        for level in self.down:
-            h = _run_level(level, h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = _run_middle(self.mid, h)  # (B, width, 2h, 2w)
+        h = self.features(x)  # (B, width, 2h, 2w)
         fine = self.conv_out(_swish(self.norm_out(h)))  # (B, 2z, 2h, 2w)
         c = self.coarse_block(self.coarse_down(h))  # (B, width, h, w)
         return self.coarse_out(_swish(self.coarse_norm(c))), fine
@@ -109,13 +102,7 @@ class DVAEDecoder(KLDecoder):
     def forward(self, z_c: torch.Tensor, z_f: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         coarse = self.coarse_up(self.coarse_block(self.coarse_in(z_c)))  # (B, width, 2h, 2w)
         gate = repeat(fine, "b h w -> b 1 (h a) (w s)", a=2, s=2)  # (B, 1, 2h, 2w)
-        h = torch.where(gate, self.conv_in(z_f), coarse)  # (B, width, 2h, 2w)
-        h = _run_middle(self.mid, h)
-        for level in reversed(self.up):
-            h = _run_level(level, h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, C, H, W)
+        return self.from_features(torch.where(gate, self.conv_in(z_f), coarse))  # (B, C, H, W)
 
 
 class DynamicAutoencoder(nn.Module):

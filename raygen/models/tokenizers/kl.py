@@ -150,14 +150,17 @@ class KLEncoder(nn.Module):
         self.norm_out = _norm(widths[-1])
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.z_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> the lowest level's features after the middle (B, ch*mult[-1], h, w)."""
         h = self.conv_in(x)  # (B, ch, H, W)
         for level in self.down:
             h = _run_level(level, h)  # (B, ch*mult[i], s, s)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)  # (B, ch*mult[i], s/2, s/2)
-        h = _run_middle(self.mid, h)  # (B, ch*mult[-1], h, w)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, 2*z_channels, h, w)
+        return _run_middle(self.mid, h)  # (B, ch*mult[-1], h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(_swish(self.norm_out(self.features(x))))  # (B, 2*z_channels, h, w)
 
 
 class KLDecoder(nn.Module):
@@ -182,7 +185,11 @@ class KLDecoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], cfg.image_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = _run_middle(self.mid, self.conv_in(z))  # (B, ch*mult[-1], h, w)
+        return self.from_features(self.conv_in(z))
+
+    def from_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Features after conv_in (B, ch*mult[-1], h, w) -> (B, C, H, W)."""
+        h = _run_middle(self.mid, h)  # (B, ch*mult[-1], h, w)
         for level in reversed(self.up):
             h = _run_level(level, h)  # (B, ch*mult[i], s, s)
             if hasattr(level, "upsample"):
