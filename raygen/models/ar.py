@@ -161,4 +161,56 @@ class ARModel(LlamaGenMixin, GenerativeModel):
         return torch.cat(steps, dim=1)  # (B, 1 + n, V)
 
 
-AR_FAMILY = FamilySpec(family="ar", model_cls=ARModel, config_cls=ARConfig, sizes=AR_SIZES)
+# --- official LlamaGen checkpoints --------------------------------------------------------
+
+# Tensors an official GPT state dict can hold that are not weights here: LlamaGen keeps its
+# RoPE table and causal mask as plain attributes (never saved; dropped in case a fork saved
+# them), but `setup_caches` registers a KVCache module per layer, so a state dict taken after
+# sampling carries `layers.{i}.attention.kv_cache.{k,v}_cache` buffers.
+_OFFICIAL_NON_WEIGHTS = ("freqs_cis", "causal_mask")
+_OFFICIAL_NON_WEIGHT_SUFFIXES = (".attention.kv_cache.k_cache", ".attention.kv_cache.v_cache")
+
+
+def from_official(state: dict[str, torch.Tensor], config: ARConfig) -> dict[str, torch.Tensor]:
+    """An official LlamaGen c2i GPT state dict -> ARModel's (strict-loadable for `config`).
+
+    `state` is already unwrapped from its container (train_c2i.py saves {"model": ...};
+    sample_c2i.py also accepts "module" and "state_dict"). The names already agree, so this
+    only drops the non-weights above; unknown keys are kept for a strict load to name. The
+    class table must have config.num_classes + 1 rows (LlamaGen trained with class dropout);
+    one of num_classes rows (class_dropout_prob 0, no null row) is passed through as it is,
+    and a strict load reports the size mismatch.
+    """
+    return {
+        k: v
+        for k, v in state.items()
+        if k not in _OFFICIAL_NON_WEIGHTS and not k.endswith(_OFFICIAL_NON_WEIGHT_SUFFIXES)
+    }
+
+
+def official_arch(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The ARConfig fields an official c2i GPT state dict fixes by its shapes.
+
+    -> {dim, n_layer, vocab_size, num_classes}. LlamaGen's class table has num_classes + 1
+    rows when class dropout is on (every released c2i model) and num_classes without; shapes
+    cannot tell the two apart, so this assumes the null row. n_head, the grid size and the
+    RoPE base are not in the weights: take them from the model name (GPT-B/L/XL/XXL = the
+    sizes B/L/XL/XXL here) and the image/downsample size.
+    """
+    key = "cls_embedding.embedding_table.weight"
+    if key not in state:
+        raise ValueError(f"not a LlamaGen c2i GPT state dict: no {key!r} (a t2i model has cls_embedding.cap_proj)")
+    rows, dim = state[key].shape  # (C + 1, D)
+    vocab_size, tok_dim = state["tok_embeddings.weight"].shape  # (V, D)
+    qkv_rows = state["layers.0.attention.wqkv.weight"].shape[0]  # (3 D, D) unless grouped-query
+    if tok_dim != dim or qkv_rows != 3 * dim:
+        raise ValueError(
+            f"unsupported LlamaGen layout: class table width {dim}, token table width {tok_dim}, "
+            f"wqkv rows {qkv_rows} (expected {3 * dim}; n_kv_head != n_head is not supported)"
+        )
+    layer_ids = {int(k.split(".")[1]) for k in state if k.startswith("layers.")}
+    return {"dim": int(dim), "n_layer": max(layer_ids) + 1, "vocab_size": int(vocab_size), "num_classes": int(rows) - 1}
+
+
+AR_FAMILY = FamilySpec(family="ar", model_cls=ARModel, config_cls=ARConfig, sizes=AR_SIZES,
+                       from_official=from_official, official_arch=official_arch)

@@ -500,4 +500,94 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
         return out
 
 
-ARPG_FAMILY = FamilySpec(family="arpg", model_cls=ARPGModel, config_cls=ARPGConfig, sizes=ARPG_SIZES)
+# --- official checkpoints ---------------------------------------------------------------------
+
+# Official block parameter suffixes -> ours, shared by both passes (pass 2's attention has no
+# to_k/to_v: its keys come from the shared projections). Pass 1's to_q/to_k/to_v are fused.
+_OFFICIAL_BLOCK = {
+    "attn.to_q.weight": "attention.wq.weight",  # pass 2 only
+    "attn.proj.weight": "attention.wo.weight",
+    "ffn.w1.weight": "feed_forward.w1.weight",
+    "ffn.w2.weight": "feed_forward.w2.weight",
+    "ffn.w3.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+_OFFICIAL_TOP = {
+    "embeddings.weight": "embeddings.weight",  # the same V + 1 + C + 1 + 1 row layout
+    "layers.norm.weight": "kv_norm.weight",
+    "layers.to_k.weight": "to_k.weight",
+    "layers.to_v.weight": "to_v.weight",
+    "norm.weight": "norm.weight",
+    "head.weight": "output.weight",
+}
+_QKV = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
+
+
+def from_official(state: dict[str, torch.Tensor], config: ARPGConfig) -> dict[str, torch.Tensor]:
+    """An official ARPG `Transformer` state dict -> ARPGModel's: renamed keys, pass 1's q/k/v fused into wqkv.
+
+    `state` is the unwrapped weights (train_c2i.py saves {"model": ...}). self_dec.i ->
+    self_layers.i (to_q/to_k/to_v stacked as wqkv rows [q | k | v]), cross_dec.i ->
+    cross_layers.i, layers.norm/to_k/to_v -> kv_norm/to_k/to_v, head -> output. A RoPE table is
+    dropped; any other key (and a q/k/v trio missing a member) keeps its official name, so a
+    strict load names it. `config` is unused: block i maps to block i, every layout agrees.
+    """
+    del config
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}  # "self_layers.i" -> {official suffix: (D, D)}
+    for key, value in state.items():
+        if key.split(".")[-1] == "freqs_cis":
+            continue  # derived cos/sin table, rebuilt by the model
+        if key in _OFFICIAL_TOP:
+            out[_OFFICIAL_TOP[key]] = value
+            continue
+        parts = key.split(".", 3)  # ["layers", "self_dec" | "cross_dec", i, suffix]
+        if len(parts) == 4 and parts[0] == "layers" and parts[2].isdigit():
+            ours = {"self_dec": "self_layers", "cross_dec": "cross_layers"}.get(parts[1])
+            block, suffix = f"{ours}.{parts[2]}", parts[3]
+            if ours == "self_layers" and suffix in _QKV:
+                qkv.setdefault(block, {})[suffix] = value
+                continue
+            if ours is not None and suffix in _OFFICIAL_BLOCK:
+                out[f"{block}.{_OFFICIAL_BLOCK[suffix]}"] = value
+                continue
+        out[key] = value  # unknown: a strict load reports it
+    for block, trio in qkv.items():
+        if len(trio) == 3:
+            out[f"{block}.attention.wqkv.weight"] = torch.cat([trio[s] for s in _QKV])  # (3 D, D)
+        else:  # incomplete: keep what is there, under the official names
+            i = block.split(".")[1]
+            out.update({f"layers.self_dec.{i}.{s}": v for s, v in trio.items()})
+    return out
+
+
+def official_arch(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The ARPGConfig fields an official ARPG state dict's shapes fix: dim, n_layer, vocab_size, num_classes.
+
+    n_layer counts both passes (the official n_layer // 2 self_dec + n_layer // 2 cross_dec
+    blocks); n_cross_layer is added only if the two counts differ. The head has V rows and the
+    embedding table V + 1 + C + 1 + 1 (image ids, MASK, C classes, the null class, the unused
+    "none" token). n_head and the grid size leave no trace in the shapes (q/k/v are (D, D);
+    the RoPE table is not saved): take them from the model name (ARPG-L/XL/XXL = L/XL/XXL
+    here) and the image/downsample size.
+    """
+    vocab_size, dim = state["head.weight"].shape  # (V, D)
+    rows, table_dim = state["embeddings.weight"].shape  # (V + 1 + C + 1 + 1, D)
+    if table_dim != dim or rows < vocab_size + 4:
+        raise ValueError(f"not an ARPG layout: head {tuple(state['head.weight'].shape)}, embeddings "
+                         f"{(int(rows), int(table_dim))} (expected (V + C + 3, D) with C >= 1)")
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
+
+    n_self, n_cross = count("layers.self_dec."), count("layers.cross_dec.")
+    arch = {"dim": int(dim), "n_layer": n_self + n_cross, "vocab_size": int(vocab_size),
+            "num_classes": int(rows) - int(vocab_size) - 3}
+    if n_self != n_cross:
+        arch["n_cross_layer"] = n_cross
+    return arch
+
+
+ARPG_FAMILY = FamilySpec(family="arpg", model_cls=ARPGModel, config_cls=ARPGConfig, sizes=ARPG_SIZES,
+                         from_official=from_official, official_arch=official_arch)

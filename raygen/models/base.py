@@ -214,9 +214,18 @@ class FamilySpec:
 
     model_cls is the model class, or a function config -> model for a family whose config
     chooses between classes (ctf's two stages).
+
+    A family whose paper released weights also says how to read them (`raygen models import`):
+    `official_keys` are the checkpoint entries that may hold the state dict, preferred first
+    (an EMA entry before the raw one); `official_arch(state)` reads the config fields an
+    official state dict's shapes fix (width, depth, vocabulary, classes); `from_official(state,
+    config)` maps its keys and tensors onto this family's state dict.
     """
 
     family: str
     model_cls: Callable[[Any], TrainableModel]
     config_cls: type
     sizes: dict[str, Any]
+    from_official: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
+    official_arch: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None
+    official_keys: tuple[str, ...] = ("model", "module", "state_dict")

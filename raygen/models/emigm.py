@@ -517,4 +517,28 @@ def _load_mask_token(module: EMIGMModel, state: dict[str, Any], prefix: str, *ar
         state[prefix + "fake_latent"] = token
 
 
-EMIGM_FAMILY = FamilySpec(family="emigm", model_cls=EMIGMModel, config_cls=EMIGMConfig, sizes=EMIGM_SIZES)
+def from_official(state: dict[str, torch.Tensor], config: EMIGMConfig) -> dict[str, torch.Tensor]:
+    """An official eMIGM state dict -> this model's: the same names and shapes (its `mask_token`
+    is read into fake_latent by the load hook above), so only a copy."""
+    return dict(state)
+
+
+def official_arch(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The EMIGMConfig fields an official state dict's shapes fix (KeyError if it is not one)."""
+    dim, token_dim = state["z_proj.weight"].shape  # (D, C)
+    seq_len = state["diffusion_pos_embed_learned"].shape[1]  # N = grid**2
+    grid = math.isqrt(seq_len)
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".", 1)[0] for k in state if k.startswith(prefix)})
+
+    return {"dim": int(dim), "token_dim": int(token_dim), "grid_size": grid, "depth": count("encoder_blocks."),
+            "num_classes": int(state["class_emb.weight"].shape[0]),
+            "buffer_size": int(state["encoder_pos_embed_learned"].shape[1] - seq_len),
+            "head_depth": count("diffloss.net.res_blocks."),
+            "head_width": int(state["diffloss.net.res_blocks.0.in_ln.weight"].shape[0])}
+
+
+EMIGM_FAMILY = FamilySpec(family="emigm", model_cls=EMIGMModel, config_cls=EMIGMConfig, sizes=EMIGM_SIZES,
+                          from_official=from_official, official_arch=official_arch,
+                          official_keys=("model_ema", "model", "state_dict"))

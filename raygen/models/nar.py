@@ -314,4 +314,50 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         return out
 
 
-NAR_FAMILY = FamilySpec(family="nar", model_cls=NARModel, config_cls=NARConfig, sizes=NAR_SIZES)
+# --- official checkpoints ---------------------------------------------------------------------
+
+# Entries of an official state dict that are not weights here: the RoPE table (a plain attribute
+# officially, but older LlamaGen-style checkpoints hold it), the sampler's proximity mask (also
+# under raygen's buffer name) and the KV-cache buffers that `setup_caches` registers (present in
+# a state dict saved after sampling).
+_OFFICIAL_NON_WEIGHTS = ("freqs_cis", "proximity_mask", "attn_mask")
+_OFFICIAL_CACHE_SUFFIXES = (".attention.kv_cache.k_cache", ".attention.kv_cache.v_cache")
+
+
+def from_official(state: dict[str, torch.Tensor], config: NARConfig) -> dict[str, torch.Tensor]:
+    """An official NAR c2i GPT state dict -> NARModel's (same keys, shapes and [q | k | v] layout).
+
+    `state` is the unwrapped weights (official checkpoints keep them under "model"; sample_c2i
+    also reads "module" and "state_dict"). Tables and caches are dropped; any other key is kept,
+    so a strict load names what raygen lacks (a t2i caption embedder, extra head blocks).
+    `config` is the target architecture; the mapping is name-for-name and needs none of it.
+    """
+    del config  # the official names and layouts already agree with NARModel's
+    return {
+        k: v
+        for k, v in state.items()
+        if k not in _OFFICIAL_NON_WEIGHTS and not k.endswith(_OFFICIAL_CACHE_SUFFIXES)
+    }
+
+
+def official_arch(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The NARConfig fields an official NAR state dict's shapes fix: dim, n_layer, vocab_size, num_classes.
+
+    Official blocks number n_layer + medusa_attention_num, and no official script changes that
+    from 1 (`layers.{n_layer}` is the vertical head's block); the class table has num_classes + 1
+    rows, the last the null class (added by the default class_dropout_prob 0.1, which no official
+    script changes either). n_head and grid_size leave no trace in the shapes (wqkv is (3 D, D);
+    the RoPE table and the mask are not saved).
+    """
+    vocab_size, dim = state["tok_embeddings.weight"].shape  # (V, D)
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("layers.")}
+    return {
+        "dim": int(dim),
+        "n_layer": max(blocks),  # blocks 0..n_layer, the last is the vertical head
+        "vocab_size": int(vocab_size),
+        "num_classes": int(state["cls_embedding.embedding_table.weight"].shape[0]) - 1,  # (C + 1, D)
+    }
+
+
+NAR_FAMILY = FamilySpec(family="nar", model_cls=NARModel, config_cls=NARConfig, sizes=NAR_SIZES,
+                       from_official=from_official, official_arch=official_arch)
