@@ -59,6 +59,16 @@ class Codec(nn.Module, ABC):
         the downsampling factor)."""
         return None
 
+    # --- released weights (`raygen models import`) --------------------------------------
+    importable: ClassVar[bool] = False  # its weights come as official-format checkpoint files
+
+    @classmethod
+    def import_weights(cls, section: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(the checkpoint's state dict in the official layout, checked key by key against the
+        architecture `section` names; that architecture as JSON) for `section.checkpoint`.
+        ValueError / FileNotFoundError when it does not fit."""
+        raise ValueError(f"the {cls.name} codec has no released weights to import")
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> "Codec":
         """Rebuild from `spec()` for a codec whose config alone determines it (+ weights by seed or path)."""
@@ -201,3 +211,26 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def psnr(mse: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2) from their per-image MSE (B,)."""
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+CODEC_EXPORT = "codec"  # config.json key naming the codec of an imported codec's export directory
+
+
+def read_codec_export(path: str, codec: str, *, weights: bool = True
+                      ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]] | None:
+    """(state dict (None without `weights`), architecture) of the export `raygen models import
+    CODEC` wrote at `path`; None when `path` is not such a directory; ValueError when it is
+    another codec's."""
+    import os
+
+    meta_path = os.path.join(path, "config.json")
+    if not (os.path.isdir(path) and os.path.isfile(meta_path) and os.path.isfile(os.path.join(path, "model.pt"))):
+        return None
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if CODEC_EXPORT not in meta:
+        return None
+    if meta[CODEC_EXPORT] != codec:
+        raise ValueError(f"{path} holds an imported {meta[CODEC_EXPORT]} tokenizer, not a {codec} one")
+    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True) if weights else None
+    return state, meta["config"]

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 # The conv blocks are the same as LlamaGen's VQ (both descend from taming/LDM); shared, not copied.
-from raygen.models.tokenizers.base import LatentCodec
+from raygen.models.tokenizers.base import read_codec_export, LatentCodec
 from raygen.models.tokenizers.vq import (
     AttnBlock,
     Downsample,
@@ -273,8 +273,13 @@ def is_export(path: str | os.PathLike[str]) -> bool:
 
 
 def export_config(path: str | os.PathLike[str]) -> KLConfig:
-    """The autoencoder architecture a `vae` run's export directory records (its config.json)."""
+    """The autoencoder architecture a `vae` run's export directory records (its config.json), or
+    the one `raygen models import kl FILE` recorded."""
     import json
+
+    imported = read_codec_export(os.fspath(path), "kl", weights=False)
+    if imported is not None:
+        return KLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in imported[1].items()})
 
     with open(os.path.join(path, "config.json")) as f:
         meta = json.load(f)
@@ -289,6 +294,9 @@ def load_kl_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     `init_from_ckpt` reads `["model"]`), an LDM-style `{"state_dict": ...}`, a bare state dict,
     or a raygen `vae` run's export directory (its model.pt, the autoencoder's keys unprefixed)."""
     path = os.fspath(path)
+    imported = read_codec_export(path, "kl")
+    if imported is not None:  # `raygen models import kl FILE`: the official layout as it came
+        return imported[0]
     if is_export(path):
         sd = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
         return {k[len(EXPORT_PREFIX):]: v for k, v in sd.items() if k.startswith(EXPORT_PREFIX)}
@@ -355,7 +363,10 @@ class KLCodecConfig:
 def kl_config_at(size: str, image_size: int) -> KLConfig:
     """The named architecture at another image size. [I] The attention sides scale with the image,
     so the encoder keeps attending at the same level (MAR's KL-16: the lowest, 16 of 256 px)."""
-    base = KL_SIZES[size]
+    return _at_image_size(KL_SIZES[size], image_size)
+
+
+def _at_image_size(base: KLConfig, image_size: int) -> KLConfig:
     factor = image_size / base.image_size
 
     def scaled(sides: tuple[int, ...]) -> tuple[int, ...]:
@@ -397,6 +408,16 @@ class KLTokenizer(LatentCodec):
             self.autoencoder.load_checkpoint(self.checkpoint)
         self.eval()
 
+    importable = True
+
+    @classmethod
+    def import_weights(cls, section: KLCodecConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        config = KL_SIZES[section.size]
+        with torch.device("meta"):  # load_checkpoint assigns the file's tensors: no init, no copy
+            autoencoder = KLAutoencoder(config)
+        autoencoder.load_checkpoint(section.checkpoint)  # strict, one line naming the first bad keys
+        return autoencoder.state_dict(), dataclasses.asdict(config)
+
     @classmethod
     def from_spec(cls, spec: dict[str, Any]) -> KLTokenizer:
         """Rebuild from `spec()` (the weights come back from the same checkpoint path or seed)."""
@@ -416,7 +437,9 @@ class KLTokenizer(LatentCodec):
 
     @classmethod
     def from_config(cls, section: KLCodecConfig, *, image_size: int, channels: int, fit_images=None) -> KLTokenizer:
-        if section.checkpoint is not None and is_export(section.checkpoint):
+        if section.checkpoint is not None and read_codec_export(section.checkpoint, "kl", weights=False):
+            config = _at_image_size(export_config(section.checkpoint), image_size)  # imported: any image size
+        elif section.checkpoint is not None and is_export(section.checkpoint):
             config = export_config(section.checkpoint)  # a trained autoencoder: its own architecture
             if image_size != config.image_size:
                 raise ValueError(f"the autoencoder in {section.checkpoint} was trained on {config.image_size} px "

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from raygen.models.tokenizers.base import Tokenizer, config_to_dict
+from raygen.models.tokenizers.base import Tokenizer, config_to_dict, read_codec_export
 
 _USAGE_SLOTS = 65536  # length of the official (unused here) `quantize.codebook_used` buffer
 
@@ -238,6 +239,9 @@ def _init_weights(model: nn.Module, seed: int) -> None:
 
 
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    exported = read_codec_export(path, "vq")  # `raygen models import vq FILE`'s export (models:/ resolves to it)
+    if exported is not None:
+        return exported[0]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"VQ tokenizer checkpoint not found: {path}")
     with torch.serialization.safe_globals([argparse.Namespace]):
@@ -248,6 +252,18 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
         if isinstance(ckpt.get(key), dict):
             return ckpt[key]
     return ckpt
+
+
+def _with_export_arch(section: VQConfig) -> VQConfig:
+    """The section with an imported export's architecture when its checkpoint is one (config.json
+    says which architecture the weights have; the section's own fields are then not used)."""
+    if section.checkpoint is None or not os.path.isdir(section.checkpoint):
+        return section
+    exported = read_codec_export(section.checkpoint, "vq", weights=False)
+    if exported is None:
+        return section
+    arch = exported[1]
+    return dataclasses.replace(section, **{**arch, "ch_mult": tuple(arch["ch_mult"])})
 
 
 class VQTokenizer(Tokenizer):
@@ -267,9 +283,21 @@ class VQTokenizer(Tokenizer):
             self._load(config.checkpoint)
         self.eval()
 
+    importable = True
+
     @classmethod
     def downsample_of(cls, section: VQConfig) -> int:
-        return 2 ** (len(section.ch_mult) - 1)
+        return 2 ** (len(_with_export_arch(section).ch_mult) - 1)
+
+    @classmethod
+    def from_config(cls, section: VQConfig, *, image_size: int, channels: int, fit_images=None) -> VQTokenizer:
+        return cls(_with_export_arch(section), image_size=image_size, channels=channels)
+
+    @classmethod
+    def import_weights(cls, section: VQConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tok = cls(section, image_size=cls.downsample_of(section), channels=3)  # loads and checks strictly
+        arch = {k: v for k, v in config_to_dict(section).items() if k not in ("checkpoint", "seed")}
+        return tok.state_dict(), arch
 
     def _load(self, path: str) -> None:
         sd = _load_state_dict(path)

@@ -21,6 +21,7 @@ from raygen.config import SampleConfig, parse_labels
 from raygen.errors import UserError
 from raygen.families import Family
 from raygen.models.tokenizers import from_spec
+from raygen.models.tokenizers.base import CODEC_EXPORT
 
 EXPORT_FORMAT = 1
 
@@ -55,10 +56,13 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu") -> tu
     """Rebuild the model from config.json and its weights (no DeepSpeed needed), the way its
     family composes it (one model.pt, or parts made by several runs)."""
     meta = read_export_meta(directory)
-    return families.get(meta["family"]).load(Path(directory), meta, device), meta
+    return family_of(meta).load(Path(directory), meta, device), meta
 
 
 def family_of(meta: dict[str, Any]) -> Family:
+    if CODEC_EXPORT in meta:  # `raygen models import vq|kl FILE` made it: weights for a codec, not a model
+        raise UserError(f"this is an imported {meta[CODEC_EXPORT]} tokenizer: it tokenizes data sets "
+                        f"(tokenizer.{meta[CODEC_EXPORT]}.checkpoint=models:/NAME@ALIAS); it does not sample")
     return families.get(meta["family"])
 
 

@@ -69,12 +69,13 @@ def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> E
     """The model's own sampling defaults, then the knobs a sweep tagged on its alias, then the
     flags, then key=value overrides."""
     from raygen.platform import tracking
-    from raygen.platform.evaluate.sampling import read_export_meta
+    from raygen.platform.evaluate.sampling import family_of, read_export_meta
 
     base = load_config(None, overrides, **flags)
     uri = tracking.tracking_uri(base.workdir, base.tracking.uri)
     export_dir, run_id = tracking.resolve_model(uri, model)
     meta = read_export_meta(export_dir)
+    family_of(meta)  # an imported codec's weights: say what they are for
     knobs = tracking.alias_knobs(uri, model)
     cfg = load_config(None, overrides, **{**{f"sample.{k}": v for k, v in meta["sample"].items()}, **knobs,
                                           **{k: v for k, v in flags.items() if v is not None}})

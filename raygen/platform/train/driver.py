@@ -167,7 +167,8 @@ def resolve_init(cfg: Config, plan: TrainPlan, uri: str) -> tuple[str, str] | No
     local, run_id = tracking.resolve_model(uri, ref, dst=cache if ":/" in ref else None)
     meta = read_export_meta(local)
     if meta.get("family") != plan.family:
-        raise ConfigError(f"train.init_from={ref} is a {meta.get('family')} model; this run trains {plan.family}")
+        what = f"a {meta['family']} model" if "family" in meta else f"an imported {meta.get('codec')} tokenizer"
+        raise ConfigError(f"train.init_from={ref} is {what}; this run trains {plan.family}")
     if not (Path(local) / "model.pt").is_file():
         raise ConfigError(f"train.init_from={ref} is a composite export (no model.pt); start from one of its runs")
     state = torch.load(Path(local) / "model.pt", map_location="cpu", weights_only=True)
