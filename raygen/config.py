@@ -54,6 +54,9 @@ class DataConfig:
         None, path=True, help="tokenized data set directory (written by tokenize, read by train); null = <workdir>/data/<source>-<tokenizer>-<size>"
     )
     rows_per_shard: int = option(512, min=1, help="rows per Parquet shard")
+    classes: list[str] | None = option(
+        None, help="train on these classes of the data set only, by name (e.g. [3,5,8]; a folder's names are its "
+                   "subfolders), relabelled 0..k-1 in this order; null = every class")
 
 
 @dataclass
@@ -118,7 +121,11 @@ class TrainConfig:
     fail_at_step: int | None = option(None, min=1, help="fault injection: the last worker raises at this step on the first attempt")
     init_from: str | None = option(
         None, path=True, help="start from this model's weights (models:/NAME@ALIAS, runs:/ID or an export directory) "
-                              "instead of random ones: the same family and architecture")
+                              "instead of random ones: the same family and architecture; the classes may differ "
+                              "(rows matched by class name, new classes start fresh)")
+    init_reset: Literal["none", "head"] = option(
+        "none", help="with init_from: head = a parent with another vocabulary is accepted, and the tensors the "
+                     "vocabulary shapes (token embedding, output head) start fresh")
 
 
 @dataclass

@@ -122,16 +122,18 @@ def test_resume_after_the_driver_stops_then_registry_and_sampling(workdir, digit
     meta = json.loads((export / "config.json").read_text())
     assert meta["family"] == "ar" and meta["data"]["grid"] == [8, 8] and meta["run_id"] == run_id
 
-    # fine-tuning: train.init_from starts from the registered weights, so the loss starts where the
-    # parent's ended, not where a fresh model's starts; the lineage reaches the registry
+    # fine-tuning on three of the ten classes: train.init_from starts from the registered weights (each
+    # class's rows taken by name), so the loss starts where the parent's ended, not where a fresh
+    # model's starts; the lineage reaches the registry
     code, _, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "model.arch.dim=32",
                            "train.init_from=models:/digits-tiny@latest")
     assert code == 2 and "train.init_from=models:/digits-tiny@latest has another architecture: dim=64 (this run: 32)" \
         in err.strip().splitlines()[-1]
     code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, "train.steps=2",
                              "train.lr=1e-5", "train.warmup_steps=0", "tracking.run_name=finetune",
-                             "train.init_from=models:/digits-tiny@latest")
+                             "train.init_from=models:/digits-tiny@latest", "data.classes=[8,3,5]")
     assert code == 0, err
+    assert "  classes: 3 of 3 classes matched by name; the parent has 10" in err
     child = _run_id_from(out)
     parent_loss = [v for _, v in metrics["train/loss"]]
     child_run, child_metrics = _metrics(workdir, child)
@@ -139,6 +141,13 @@ def test_resume_after_the_driver_stops_then_registry_and_sampling(workdir, digit
     assert abs(first - parent_loss[-1]) < abs(first - parent_loss[0]), (first, parent_loss)
     assert child_run.data.tags["raygen.init_from"] == f"models:/digits-tiny/1 (run {run_id})"
     assert child_run.data.params["train.init_from"] == "models:/digits-tiny@latest"
+    child_export = Path(child_run.info.artifact_uri.replace("file://", "")) / "model"
+    child_meta = json.loads((child_export / "config.json").read_text())
+    assert child_meta["data"]["class_names"] == ["8", "3", "5"] and child_meta["arch"]["num_classes"] == 3
+    rows = "cls_embedding.embedding_table.weight"
+    parent_rows = torch.load(export / "model.pt", weights_only=True)[rows]
+    child_rows = torch.load(child_export / "model.pt", weights_only=True)[rows]  # 2 steps at lr 1e-5 later
+    torch.testing.assert_close(child_rows, parent_rows[[8, 3, 5, 10]], atol=1e-4, rtol=0)
     code, out, _ = run_cli("models", "--workdir", str(workdir), "register", child, "--name", "digits-tiny-ft")
     assert code == 0
     from mlflow.tracking import MlflowClient

@@ -68,10 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.eval and is_digits(meta):
         from pathlib import Path
 
-        from raygen.platform.evaluate.digits import class_accuracy, load_classifier
+        from raygen.platform.evaluate.digits import class_accuracy, digit_labels, load_classifier
 
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")
-        acc = class_accuracy(clf, s["images"], s["labels"])
+        acc = class_accuracy(clf, s["images"], digit_labels(s["labels"], meta["data"].get("class_names")))
         print(f"eval/class_acc {acc:.3f}")
         if run_id:
             tracking.log_metrics(uri, run_id, {"eval/class_acc": acc})

@@ -309,6 +309,10 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
         k, v = self._context(self.tok_dropout(self.embeddings(ids)), key_freqs)  # (B, H, N, K)
         return self._guided(k, v, pos, causal=True), targets  # query i sees [cond, x_pi(<i)]
 
+    def class_tables(self) -> dict[str, tuple[int, int]]:
+        """The shared table: image ids and MASK, then the C class rows, then null and the unused row."""
+        return {"embeddings.weight": (self.config.vocab_size + 1, self.config.num_classes)}
+
     def _cond_ids(self, labels: torch.Tensor) -> torch.Tensor:
         return labels.long() + self.config.vocab_size + 1  # label C (the null class) -> null_id
 

@@ -91,6 +91,17 @@ class TrainableModel(nn.Module, ABC):
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
 
+    def class_tables(self) -> dict[str, tuple[int, int]]:
+        """The state-dict tensors whose rows are per class: key -> (first class row, classes).
+
+        Rows before the class block (token ids sharing the table) and after it (the null class
+        for CFG, kept last) are not per class. Fine-tuning on other classes maps these rows by
+        class name (`train.init_from`). Default: the table of every module that declares one
+        with a `class_rows` attribute, as LabelEmbedder does; families with another layout add theirs.
+        """
+        return {f"{name}.{key}".lstrip("."): rows for name, m in self.named_modules()
+                if (declared := getattr(m, "class_rows", None)) for key, rows in declared.items()}
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count; non_embedding leaves out nn.Embedding tables (lookups, no FLOPs)."""
         total = sum(_numel(p) for p in self.parameters())

@@ -295,6 +295,9 @@ class EMIGMModel(GenerativeModel):
         self.last_forward_passes = 0  # its mask-prediction steps (the NFE of "16 x 1.2")
         self.initialize_weights()
 
+    def class_tables(self) -> dict[str, tuple[int, int]]:
+        return {"class_emb.weight": (0, self.config.num_classes)}  # the null class is fake_latent
+
     @property
     def mask_token(self) -> nn.Parameter:
         """The decoder's mask token: the same tensor as fake_latent (CFG with mask)."""

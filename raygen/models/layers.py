@@ -257,6 +257,11 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     @property
+    def class_rows(self) -> dict[str, tuple[int, int]]:
+        """Rows [0, num_classes) of the table are per class; the null row stays last."""
+        return {"embedding_table.weight": (0, self.num_classes)}
+
+    @property
     def null_id(self) -> int:
         return self.num_classes
 

@@ -151,6 +151,37 @@ def shard_paths(root: str | Path, manifest: dict[str, Any]) -> list[str]:
     return [str(Path(root) / s["file"]) for s in manifest["shards"]]
 
 
+def class_view(root: str | Path, manifest: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The manifest of the rows of `classes` only (`data.classes`), relabelled 0..k-1 in the order
+    given: num_classes, class_names and rows are the subset's; `class_subset.ids` are the classes'
+    ids in the shards (what `keep_classes` reads). Unknown or repeated names are a ConfigError."""
+    from raygen.errors import ConfigError
+
+    names = manifest.get("class_names") or [str(i) for i in range(manifest["num_classes"])]
+    classes = [str(c) for c in classes]
+    unknown = [c for c in classes if c not in names]
+    if unknown:
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise ConfigError(f"data.classes: '{unknown[0]}' is not a class of the data set '{root}'; its classes: {shown}")
+    if len(set(classes)) != len(classes) or not classes:
+        raise ConfigError(f"data.classes must name distinct classes, got {classes}")
+    ids = [names.index(c) for c in classes]
+    labels = np.concatenate([pq.read_table(p, columns=["label"]).column("label").to_numpy()
+                             for p in shard_paths(root, manifest)])
+    return {**manifest, "num_classes": len(ids), "class_names": classes, "rows": int(np.isin(labels, ids).sum()),
+            "class_subset": {"ids": ids, "class_names": names}}
+
+
+def keep_classes(batch: pa.Table, ids: list[int]) -> pa.Table:
+    """Ray Data map: the rows whose label is one of `ids`, relabelled to its position in `ids`."""
+    labels = batch.column("label").to_numpy()
+    lookup = np.full(max(max(ids), int(labels.max(initial=0))) + 1, -1, dtype=labels.dtype)
+    lookup[ids] = np.arange(len(ids), dtype=labels.dtype)
+    keep = np.isin(labels, ids)
+    kept = batch.filter(pa.array(keep))
+    return kept.set_column(kept.schema.get_field_index("label"), "label", pa.array(lookup[labels[keep]]))
+
+
 def read_rows(root: str | Path, manifest: dict[str, Any], n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first n rows of the data column (n, *shape) in its stored dtype (for posterior moments,
     the means of the first view), and their labels (n,)."""

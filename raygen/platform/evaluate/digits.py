@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -85,6 +87,17 @@ def load_classifier(cache_dir: str | Path) -> tuple[DigitsClassifier, float]:
     torch.save({"state_dict": model.state_dict(), "meta": json.dumps({"version": VERSION, "holdout_acc": acc})}, tmp)
     tmp.replace(path)
     return model, acc
+
+
+def digit_labels(labels: Any, class_names: list[str] | None) -> Any:
+    """The digit each class id shows: a digits data set's class j is the digit class_names[j] (j
+    itself, unless `data.classes` trained on a subset and relabelled it). Tensor or array in, same out."""
+    if not class_names:
+        return labels
+    lookup = np.array([int(n) for n in class_names])
+    if torch.is_tensor(labels):
+        return torch.as_tensor(lookup)[labels.cpu().long()]
+    return lookup[np.asarray(labels)]
 
 
 @torch.no_grad()

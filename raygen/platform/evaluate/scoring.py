@@ -392,7 +392,8 @@ def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     got = sample_features(cfg, payload, labels, keep_images=keep, progress=progress)
 
     out = score_features(got, digits_ref.get(M.DIGITS, digits[1]) if digits is not None else None,
-                         reference.get(M.INCEPTION, weights.fingerprint) if fid_ref else None, e.is_splits, e.pr_k)
+                         reference.get(M.INCEPTION, weights.fingerprint) if fid_ref else None, e.is_splits, e.pr_k,
+                         class_names=target.meta["data"].get("class_names"))
     out["perf/eval_images_per_s"] = e.n / got["seconds"]
 
     extractors = ([f"{M.DIGITS}:{digits[1]}"] if digits else []) + ([f"{M.INCEPTION}:{weights.fingerprint}"] if weights else [])
@@ -406,13 +407,17 @@ def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
 
 
 def score_features(feats: dict[str, np.ndarray], digits_ref: dict[str, Any] | None,
-                   inception_ref: dict[str, Any] | None, is_splits: int, pr_k: int) -> dict[str, float]:
+                   inception_ref: dict[str, Any] | None, is_splits: int, pr_k: int,
+                   class_names: list[str] | None = None) -> dict[str, float]:
     """The metrics of sampled features (`raygen eval`'s, and a sample sweep trial's): class accuracy
     and FD-digits when the digits classifier ran, IS when Inception ran, FID against
     `inception_ref` ({mu, sigma}), and precision/recall when it also holds the real `features`."""
     out: dict[str, float] = {}
     if "digits_pred" in feats:
-        out["eval/class_acc"] = float((feats["digits_pred"] == feats["labels"]).mean())
+        from raygen.platform.evaluate.digits import digit_labels
+
+        shown = digit_labels(feats["labels"], class_names)  # the digit each class id stands for
+        out["eval/class_acc"] = float((feats["digits_pred"] == shown).mean())
         if digits_ref is not None:
             out["eval/fd_digits"] = M.frechet_distance(*M.feature_stats(feats["digits_features"]),
                                                        digits_ref["mu"], digits_ref["sigma"])

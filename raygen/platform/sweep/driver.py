@@ -480,7 +480,9 @@ def _sample_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                        "keep_images": keep if i == 0 else 0}) for i, s in enumerate(range(0, len(labels), bs))]
     seconds = time.perf_counter() - t_sample
     feats = {k: np.concatenate([g[k] for g in got]) for k in got[0] if isinstance(got[0][k], np.ndarray) and k != "images"}
-    metrics = score_features(feats, ctx["digits_ref"], ctx["fid_ref"], ctx["is_splits"], pr_k=0)  # as `raygen eval`
+    names = json.loads(ctx["export"]["config.json"])["data"].get("class_names")
+    metrics = score_features(feats, ctx["digits_ref"], ctx["fid_ref"], ctx["is_splits"], pr_k=0,  # as `raygen eval`
+                             class_names=names)
     metrics["perf/eval_images_per_s"] = cfg.eval.n / seconds
     tracking.log_metrics(uri, run_id, metrics, 0)
     images = got[0].get("images")

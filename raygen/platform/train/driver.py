@@ -33,6 +33,7 @@ from raygen.families import Family
 from raygen.models.registry import build_model, model_config
 from raygen.platform.data import shards
 from raygen.platform.train.engine import batch_split, build_ds_config, resolve_zero_stage
+from raygen.platform.train.init import InitPlan, adapt_state, resolve_init
 from raygen.platform.devices import peak_flops, peak_memory_gb
 from raygen.platform.train.loop import EMA, BatchChecker, LoopHooks, TrainState, run_steps
 
@@ -85,6 +86,8 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
     problems = shards.check_files(Path(data_dir), manifest, checksums=True)
     if problems:
         raise DataError(f"data set '{data_dir}' is damaged: {problems[0]} (run `raygen data check {data_dir}`)")
+    if cfg.data.classes:  # a subset of the classes, relabelled: the plan sees only those rows
+        manifest = shards.class_view(data_dir, manifest, cfg.data.classes)
     data = shards.data_info(manifest)
     family.check_data(data, f"data set '{data_dir}'")
     arch = dict(cfg.model.arch)
@@ -152,40 +155,6 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
                      dataclasses.asdict(prepared), sides)
 
 
-def resolve_init(cfg: Config, plan: TrainPlan, uri: str) -> tuple[str, str] | None:
-    """train.init_from -> (a local model.pt with the plan's exact state-dict layout, a lineage string
-    such as "models:/NAME/3 (run R)"); None without init_from. Another family, a composite
-    export, or another architecture is one ConfigError naming the differing fields."""
-    ref = cfg.train.init_from
-    if not ref:
-        return None
-    from raygen.platform import tracking
-    from raygen.platform.evaluate.sampling import read_export_meta
-
-    version = tracking.model_version(uri, ref) if ref.startswith("models:/") else None
-    cache = Path(cfg.workdir) / "cache" / "models" / (f"{version[0]}-v{version[1]}" if version else ref.rstrip("/").split("/")[-1])
-    local, run_id = tracking.resolve_model(uri, ref, dst=cache if ":/" in ref else None)
-    meta = read_export_meta(local)
-    if meta.get("family") != plan.family:
-        what = f"a {meta['family']} model" if "family" in meta else f"an imported {meta.get('codec')} tokenizer"
-        raise ConfigError(f"train.init_from={ref} is {what}; this run trains {plan.family}")
-    if not (Path(local) / "model.pt").is_file():
-        raise ConfigError(f"train.init_from={ref} is a composite export (no model.pt); start from one of its runs")
-    state = torch.load(Path(local) / "model.pt", map_location="cpu", weights_only=True)
-    with torch.device("meta"):
-        want = build_model(plan.family, cfg.model.size, **plan.arch).state_dict()
-    bad = sorted(set(want) ^ set(state)) + [k for k in want if k in state and want[k].shape != state[k].shape]
-    if bad:
-        ours, theirs = plan.model_config, meta.get("model_config", {})
-        fields = [f"{k}={theirs.get(k)!r} (this run: {ours.get(k)!r})" for k in ours
-                  if k in theirs and ours[k] != theirs[k]][:4]
-        raise ConfigError(f"train.init_from={ref} has another architecture: "
-                          f"{', '.join(fields) or f'{len(bad)} tensors differ, e.g. {bad[0]}'}; fine-tuning needs "
-                          "the same architecture (the data's classes and vocabulary included)")
-    lineage = f"models:/{version[0]}/{version[1]}" if version else ref
-    return str(Path(local) / "model.pt"), lineage + (f" (run {run_id})" if run_id else "")
-
-
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
@@ -215,7 +184,7 @@ class WorkerSetup:
     export_meta: dict[str, Any]
     report_log_steps: bool = False  # a listening callback (a sweep's) also gets every log step
     progress: Any = None  # a ProgressBoard actor rank 0 posts each log window to (the driver draws it)
-    init_weights: str | None = None  # train.init_from resolved: a local model.pt every worker starts from
+    init: InitPlan | None = None  # train.init_from resolved: the parent's weights and how they are adapted
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -242,8 +211,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     importlib.import_module(plan.family_module)  # a plugin from outside raygen registers itself
     family = families.get(plan.family)
     model = family.build(cfg.model.size, plan.arch, plan.prepared["payload"])
-    if setup.init_weights:  # train.init_from: checked on the driver, loaded before the engine shards it
-        model.load_state_dict(torch.load(setup.init_weights, map_location="cpu", weights_only=True))
+    if setup.init:  # train.init_from: checked on the driver, loaded before the engine shards it
+        parent = torch.load(setup.init.weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(adapt_state(parent, model.state_dict(), setup.init))
     model = model.to(device)
     optimizer = torch.optim.AdamW(model.param_groups(t.weight_decay), lr=t.lr, betas=tuple(t.betas),
                                   fused=device.type == "cuda")
@@ -465,11 +435,12 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
         params = {**{k: v for k, v in cfg.flat().items() if not k.startswith("eval.")}, **plan.prepared["params"],
                   "derived.n_params": plan.n_params, "derived.workers": plan.workers,
                   "derived.zero_stage": plan.zero_stage, "derived.micro_batch": plan.micro_batch,
-                  "derived.accumulation": plan.accumulation, "derived.precision": plan.precision}
+                  "derived.accumulation": plan.accumulation, "derived.precision": plan.precision,
+                  **({"derived.init": "; ".join(init.notes)} if init and init.notes else {})}
         run_id = tracking.create_run(uri, exp, name, params, {"raygen.family": plan.family,
                                                               "raygen.size": cfg.model.size,
                                                               "raygen.data": plan.data_dir, **(run_tags or {}),
-                                                              **({tracking.PARENT_MODEL_TAG: init[1]} if init else {}),
+                                                              **({tracking.PARENT_MODEL_TAG: init.lineage} if init else {}),
                                                               **({tracking.PARENT_TAG: parent_run_id}
                                                                  if parent_run_id else {})})
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
@@ -481,6 +452,9 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
     column = shards.Column.from_json(plan.column["name"], plan.column)
     ds = ray.data.read_parquet(shards.shard_paths(plan.data_dir, plan.manifest)).select_columns(
         [column.name, *(c["name"] for c in plan.sides), "label", "index"])
+    if "class_subset" in plan.manifest:  # data.classes
+        ds = ds.map_batches(shards.keep_classes, fn_kwargs={"ids": plan.manifest["class_subset"]["ids"]},
+                            batch_format="pyarrow", batch_size=None)
     row_bytes = sum(c.size * np.dtype(c.dtype).itemsize for c in [column, *(
         shards.Column.from_json(c["name"], c) for c in plan.sides)])
     n_bytes = plan.manifest["rows"] * (row_bytes + 12)
@@ -500,7 +474,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
         train_loop_per_worker,
         train_loop_config={"setup": WorkerSetup(cfg, plan, run_id, uri, export_meta(cfg, plan, run_id),
                                                 report_log_steps=bool(callbacks), progress=board,
-                                                init_weights=init[0] if init else None)},
+                                                init=init)},
         scaling_config=ScalingConfig(num_workers=plan.workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": plan.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=900),
@@ -519,6 +493,9 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
 
             print(f"train: {plan.family}-{cfg.model.size} ({plan.n_params:,} parameters) on {plan.workers} "
                   f"worker(s), ZeRO-{plan.zero_stage}, {plan.precision}; run {run_id}", file=console.err(), flush=True)
+            if init:
+                print("\n".join([f"train: from {init.lineage}", *(f"  {n}" for n in init.notes)]), file=console.err(),
+                      flush=True)
             with ProgressThread(board, ProgressView(cfg.train.steps)):
                 result = trainer.fit()
         else:
@@ -559,7 +536,7 @@ def train(cfg: Config, *, data_dir: str, resume_run: str | None = None, progress
 def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) -> dict[str, float]:
     """Sample a grid from the export, log it, and log eval/class_acc for digits."""
     from raygen.platform import tracking
-    from raygen.platform.evaluate.digits import class_accuracy, load_classifier
+    from raygen.platform.evaluate.digits import class_accuracy, digit_labels, load_classifier
     from raygen.platform.evaluate.sampling import is_digits, load_export, sample_grid
 
     model, meta = load_export(export_dir)
@@ -572,7 +549,7 @@ def finish_with_samples(cfg: Config, uri: str, run_id: str, export_dir: Path) ->
     out: dict[str, float] = {}
     if is_digits(meta):
         clf, _ = load_classifier(Path(cfg.workdir) / "cache")
-        out["eval/class_acc"] = class_accuracy(clf, s["images"], s["labels"])
+        out["eval/class_acc"] = class_accuracy(clf, s["images"], digit_labels(s["labels"], meta["data"]["class_names"]))
         tracking.log_metrics(uri, run_id, out, cfg.train.steps)
     return out
 
