@@ -36,7 +36,7 @@ def test_unknown_key_names_it_lists_valid_keys_and_suggests():
         load_config(overrides=["data.imag_size=8"])
     msg = str(e.value)
     assert "'data.imag_size'" in msg
-    assert "channels, image_size, on_bad_input" in msg
+    assert "channels, classes, image_size, on_bad_input" in msg
     assert "did you mean 'image_size'" in msg
 
 

@@ -38,7 +38,7 @@ class InitPlan:
     """Where a run's weights come from and how they are adapted (shipped to every worker)."""
 
     weights: str  # a local model.pt (the parent's state dict)
-    lineage: str  # e.g. "models:/digits-ar/3 (run R)"
+    lineage: str  # e.g. "models:/NAME/3 (run R)"
     class_map: list[int | None] | None = None  # per class of this run: the parent's class row, None = new
     tables: dict[str, tuple[tuple[int, int], tuple[int, int]]] = field(default_factory=dict)  # key -> (parent, ours)
     fresh: list[str] = field(default_factory=list)  # keys that keep this run's initialisation
