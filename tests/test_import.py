@@ -38,13 +38,14 @@ def ids_data(tmp_path):
 def test_an_imported_llamagen_checkpoint_samples_and_gives_the_official_logits(run_cli, tmp_path, ids_data):
     f = official("ar")
     ckpt = tmp_path / "c2i_tiny.pt"
-    torch.save(f["checkpoint"], ckpt)  # {"model": state_dict}, as LlamaGen's train_c2i saves it
+    raw = {k: v + 1.0 for k, v in f["checkpoint"]["model"].items()}
+    torch.save({"model": raw, "ema": f["checkpoint"]["model"], "steps": 10}, ckpt)  # train_c2i.py --ema's layout
     work = tmp_path / "work"
     code, out, err = run_cli("models", "--workdir", str(work), "import", "ar", str(ckpt), "--name", "tiny-gpt",
                              "--alias", "official", "--data", str(ids_data), "--size", "debug", "model.arch.n_head=2")
     assert code == 0, err
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
-    assert out.splitlines()[0] == f"imported ar debug (134,144 parameters) from {ckpt} ['model'], sha256 {digest[:16]}"
+    assert out.splitlines()[0] == f"imported ar debug (134,144 parameters) from {ckpt} ['ema'], sha256 {digest[:16]}"
     assert out.splitlines()[1].endswith(": models:/tiny-gpt@official")
 
     uri = tracking.tracking_uri(str(work))
@@ -54,7 +55,8 @@ def test_an_imported_llamagen_checkpoint_samples_and_gives_the_official_logits(r
     run = tracking.get_run(uri, run_id)
     assert run.data.params["import.sha256"] == digest and run.data.tags["raygen.family"] == "ar"
     model, meta = load_export(local)
-    assert meta["imported"]["entry"] == "model" and meta["data"]["class_names"] == [str(i) for i in range(10)]
+    assert meta["imported"]["entry"] == "ema" and meta["weights"] == "ema"
+    assert meta["data"]["class_names"] == [str(i) for i in range(10)]
     with torch.no_grad():
         logits = model.logits_uncached(f["tokens"][:, :-1], labels=f["labels"])  # row j predicts x_j
     torch.testing.assert_close(logits, f["logits"], **TOL)
@@ -164,8 +166,8 @@ def test_files_that_are_not_checkpoints_are_one_line_and_nothing_is_registered(r
         (text, r"'.*notes.txt' is not a PyTorch checkpoint \(neither torch.save's zip archive nor a pickle\)$"),
         (evil, r"'.*evil.pt' does not load with weights_only=True \(only tensors and plain containers are read, "
                r"never code\): WeightsUnpickler error: Unsupported global: GLOBAL pathlib.PosixPath"),
-        (wrapped, r"'.*wrapped.pt' holds no state dict \(looked under model, module, state_dict and at its top "
-                  r"level; it has args, epoch\)"),
+        (wrapped, r"'.*wrapped.pt' holds no state dict \(looked under ema, model, module, state_dict and at its "
+                  r"top level; it has args, epoch\)"),
         (tmp_path / "missing.pt", r"checkpoint file '.*missing.pt' not found \(raygen never downloads weights"),
     ]
     for path, message in cases:

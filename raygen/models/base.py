@@ -239,4 +239,4 @@ class FamilySpec:
     sizes: dict[str, Any]
     from_official: Callable[[dict[str, torch.Tensor], Any], dict[str, torch.Tensor]] | None = None
     official_arch: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None
-    official_keys: tuple[str, ...] = ("model", "module", "state_dict")
+    official_keys: tuple[str, ...] = ("ema", "model", "module", "state_dict")
