@@ -142,7 +142,8 @@ def test_the_size_is_read_from_the_shapes_and_another_size_is_refused_naming_bot
 
 def test_another_familys_file_names_its_first_mismatched_keys(tmp_path, ids_data):
     f = official("arpg")
-    with pytest.raises(UserError, match=r"is not an official ar checkpoint \(not a LlamaGen c2i GPT state dict: no .cls_embedding.embedding_table.weight.*; it has e.g. embeddings.weight"):
+    with pytest.raises(UserError, match=r"is not an official ar checkpoint \(not a LlamaGen c2i GPT state dict: "
+                                        r"no .cls_embedding.embedding_table.weight.*; it has e.g. embeddings.weight"):
         _import(tmp_path, "ar", f["checkpoint"], [], ids_data)
     g = official("ar")
     broken = dict(g["checkpoint"]["model"])
@@ -215,7 +216,8 @@ def test_vq_and_kl_weights_import_and_tokenize_from_the_registry(run_cli, tmp_pa
     assert code == 0, err
 
     images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    cfg = load_config(None, [f"workdir={work}", "tokenizer.name=vq", "tokenizer.vq.checkpoint=models:/tiny-vq@official"])
+    cfg = load_config(None, [f"workdir={work}", "tokenizer.name=vq",
+                             "tokenizer.vq.checkpoint=models:/tiny-vq@official"])
     section, registry = resolve_weights(cfg)  # the registered export; its config.json brings the architecture
     assert registry["name"] == "tiny-vq" and registry["version"] == 1
     from_registry = VQTokenizer.from_config(section, image_size=16, channels=3)

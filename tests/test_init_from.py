@@ -44,7 +44,8 @@ def test_rows_are_copied_by_class_with_the_rows_around_the_block_kept():
 def test_classes_match_by_name_else_by_index():
     assert class_mapping([str(i) for i in range(10)], ["3", "5", "8"], 10, 3) == (
         [3, 5, 8], "3 of 3 classes matched by name")
-    assert class_mapping(["cat", "dog"], ["dog", "owl", "cat"], 2, 3) == ([1, None, 0], "2 of 3 classes matched by name")
+    assert class_mapping(["cat", "dog"], ["dog", "owl", "cat"], 2, 3) == (
+        [1, None, 0], "2 of 3 classes matched by name")
     assert class_mapping(None, ["a", "b", "c"], 2, 3) == (
         [0, 1, None], "2 of 3 classes matched by index (a side has no class names)")
 
@@ -64,8 +65,8 @@ def _parent(tmp_path, family: str, data_dir, overrides=()):
 
 
 def _child(tmp_path, family, data_dir, parent_dir, overrides=()):
-    cfg = load_config(None, [f"workdir={tmp_path}", f"model.family={family}", *tiny(family), f"train.init_from={parent_dir}",
-                             *overrides])
+    cfg = load_config(None, [f"workdir={tmp_path}", f"model.family={family}", *tiny(family),
+                             f"train.init_from={parent_dir}", *overrides])
     plan = plan_training(cfg, cluster_cpus=2, cluster_gpus=0, data_dir=str(data_dir))
     return resolve_init(cfg, plan, f"sqlite:///{tmp_path}/mlflow.db"), plan
 

@@ -37,7 +37,8 @@ def add_parser(sub) -> None:
     im.add_argument("--name", required=True, help="the registered model's name")
     im.add_argument("--alias", help="e.g. official")
     im.add_argument("--size", help="the family's size (read from the file's shapes when omitted)")
-    im.add_argument("--data", help="a tokenized data set whose codec decodes the model's tokens (and names its classes)")
+    im.add_argument("--data", help="a tokenized data set whose codec decodes the model's tokens (and names its "
+                                   "classes)")
     add_config_args(im)
     im.set_defaults(func=run_import)
 

@@ -112,7 +112,8 @@ def _is_state_dict(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
-def state_dict_of(ckpt: dict[str, Any], keys: tuple[str, ...], path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+def state_dict_of(ckpt: dict[str, Any], keys: tuple[str, ...], path: str | Path
+                  ) -> tuple[dict[str, torch.Tensor], str | None]:
     """The state dict under the first of `keys` the checkpoint has, or the checkpoint itself when it
     is a bare state dict; (state, entry name or None)."""
     for key in keys:
@@ -251,12 +252,14 @@ def import_generator(cfg: Config, family_name: str, path: str, *, size: str | No
     _agree(read, from_data, arch, path, where)
     arch = {**arch, **read, **from_data}
     try:
-        model = build_model(family.name, chosen, **arch)
+        with torch.device("meta"):  # no init, no second copy of a 1B model: the file's tensors are assigned
+            model = build_model(family.name, chosen, **arch)
     except ValueError as e:
-        raise UserError(f"cannot build {family.name} {chosen} with {_fields_text(arch)}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot build {family.name} {chosen} with {_fields_text(arch)}: "
+                        f"{str(e).splitlines()[0]}") from None
     mapped = spec.from_official(state, model.config)
     _check_keys(model, mapped, path, f"{family.name} {chosen}")
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(mapped, strict=True, assign=True)
     state_out = {k: v.detach().to(torch.float32) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     num_classes = arch.get("num_classes", info.num_classes)
     names = decoded["class_names"] or [str(i) for i in range(num_classes)]
