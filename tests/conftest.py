@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# The digits classifier (about 15 s to train) depends on no test: every workdir of the session,
+# subprocesses and Ray workers included, shares one copy.
+os.environ.setdefault("RAYGEN_CACHE", tempfile.mkdtemp(prefix="raygen-test-cache-"))
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray workers import test-only modules such as the `latent-mean` family plugin (latent_family.py)
 # by name, as they would an installed plugin: the processes of the local instance inherit this.

@@ -14,20 +14,7 @@ TINY = ["model.arch.dim=64", "model.arch.n_layer=2", "model.arch.n_head=2", "tra
 
 @pytest.fixture(scope="module")
 def workdir(ray_local, tmp_path_factory):
-    """A workdir whose cache already holds the digits classifier, trained for 4 of its 12 epochs
-    (its full training costs 20-130 s on this machine; the judge's quality is not under test here)."""
-    import json
-
-    import torch
-
-    from raygen.platform.evaluate import digits
-
-    root = tmp_path_factory.mktemp("eval-e2e")
-    clf, acc = digits.train_classifier(epochs=4)
-    (root / "cache").mkdir()
-    torch.save({"state_dict": clf.state_dict(), "meta": json.dumps({"version": digits.VERSION, "holdout_acc": acc})},
-               root / "cache" / digits.CACHE_NAME)
-    return root
+    return tmp_path_factory.mktemp("eval-e2e")  # the digits classifier comes from the session's $RAYGEN_CACHE
 
 
 @pytest.fixture(scope="module")

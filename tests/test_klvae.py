@@ -175,7 +175,8 @@ def _zero_worker(rank: int, world: int, port: int, out: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     import torch.distributed as dist
 
-    results = {stage: _two_engine_steps(stage, rank, world) for stage in (0, 1, 2, 3)}
+    # ZeRO-1 is ZeRO-2 without gradient partitioning; 0, 2 and 3 are the distinct code paths
+    results = {stage: _two_engine_steps(stage, rank, world) for stage in (0, 2, 3)}
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -187,7 +188,7 @@ def _zero_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_model_and_critic_step_together_under_every_zero_stage_as_in_plain_torch(tmp_path):
     """Two ranks, each with half the batch, two DeepSpeed engines (model, critic): after 3 steps
-    both modules' weights equal one plain-torch process on the whole batch, at ZeRO 0, 1, 2, 3."""
+    both modules' weights equal one plain-torch process on the whole batch, at ZeRO 0, 2, 3."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -195,7 +196,7 @@ def test_model_and_critic_step_together_under_every_zero_stage_as_in_plain_torch
     torch.multiprocessing.spawn(_zero_worker, args=(2, port, str(out)), nprocs=2, join=True)
     reference = _two_engine_steps(None, 0, 1)
     results = torch.load(out, weights_only=True)
-    assert sorted(results) == [0, 1, 2, 3]
+    assert sorted(results) == [0, 2, 3]
     for stage, got in results.items():
         assert set(got) == set(reference)
         for name, want in reference.items():

@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_every_worker_with_a_clear_message(workdir, digits
     assert code == 2 and "the loss is not finite" in last and "lower train.lr" in last
 
 
-@pytest.mark.parametrize("family", ["arpg", "nar"])
+@pytest.mark.parametrize("family", ["arpg"])  # nar: the same plugin path; its model is covered by unit tests
 def test_family_trains_through_ray_and_deepspeed(family, workdir, digits8, run_cli, tmp_path):
     code, out, err = run_cli("train", "--data", str(digits8), f"workdir={workdir}", *TINY, f"model.family={family}",
                              "train.steps=4", "train.zero_stage=2", f"tracking.run_name={family}")

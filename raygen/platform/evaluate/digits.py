@@ -8,6 +8,7 @@ under <workdir>/cache and loaded with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from typing import Any
@@ -71,9 +72,15 @@ def _train_classifier(epochs: int, seed: int) -> tuple[DigitsClassifier, float]:
     return model, acc
 
 
+CACHE_ENV = "RAYGEN_CACHE"  # a directory shared by every workdir for what does not depend on one
+
+
 def load_classifier(cache_dir: str | Path) -> tuple[DigitsClassifier, float]:
-    """The cached classifier (trained and cached on first use) and its held-out accuracy."""
-    path = Path(cache_dir) / CACHE_NAME
+    """The cached classifier (trained and cached on first use) and its held-out accuracy.
+
+    It depends on nothing but the digits and its seed, so $RAYGEN_CACHE, when set, holds it for
+    every workdir (otherwise `cache_dir`, the workdir's cache)."""
+    path = Path(os.environ.get(CACHE_ENV) or cache_dir) / CACHE_NAME
     if path.is_file():
         state = torch.load(path, map_location="cpu", weights_only=True)
         meta = json.loads(state["meta"])
@@ -83,7 +90,7 @@ def load_classifier(cache_dir: str | Path) -> tuple[DigitsClassifier, float]:
             return model.eval(), meta["holdout_acc"]
     model, acc = train_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes that train it at once do not collide
     torch.save({"state_dict": model.state_dict(), "meta": json.dumps({"version": VERSION, "holdout_acc": acc})}, tmp)
     tmp.replace(path)
     return model, acc
