@@ -20,7 +20,7 @@ from raygen.models.layers import (
     find_multiple,
     precompute_freqs_cis_2d,
 )
-from raygen.models.sampling import categorical, cfg_mix, filter_logits, sample_logits
+from raygen.models.sampling import categorical, cfg_mix, filter_logits, guide, head_logits, sample_logits
 
 # --- sizes and norms ----------------------------------------------------------------------
 
@@ -273,6 +273,19 @@ def test_cfg_mix():
     assert torch.equal(cfg_mix(cond, uncond, 0.0), uncond)
     assert torch.equal(cfg_mix(cond, uncond, 3.0), torch.tensor([4.0, -2.0]))
     assert math.isclose(F.softmax(cfg_mix(cond, uncond, 2.0), -1)[0].item(), 1 / (1 + math.exp(-4)), rel_tol=1e-6)
+
+
+def test_guiding_the_states_before_a_linear_head_equals_guiding_its_logits():
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    states = torch.randn(6, 3, 16, generator=g)  # (2B, L, D): conditional half first
+    with torch.no_grad():
+        want = guide(head(states), 4.0)  # (B, L, V): two head rows per output, mixed after
+        torch.testing.assert_close(head_logits(head, states, 4.0), want, atol=1e-5, rtol=1e-5)
+        assert torch.equal(head_logits(head, states, None), head(states))
+        low = states.bfloat16()  # lower precision: the mix stays on float32 logits
+        out = head_logits(head.bfloat16(), low, 4.0)
+        assert out.dtype == torch.float32 and torch.equal(out, guide(head(low).float(), 4.0))
 
 
 def test_categorical_never_draws_zero_probability_ids():

@@ -19,7 +19,7 @@ from einops import rearrange
 
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig, token_loss
 from raygen.models.layers import KVCache, LlamaGenMixin
-from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
+from raygen.models.sampling import SamplingOptions, both_halves, head_logits, sampling_entry, with_null_class
 
 # --- config and sizes -------------------------------------------------------------------
 
@@ -85,15 +85,21 @@ class ARModel(LlamaGenMixin, GenerativeModel):
         self.initialize_weights()
 
     # --- shared pieces of training and sampling ---------------------------------------------
-    def _logits(
+    def _states(
         self, h: torch.Tensor, *, start_pos: int = 0, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
-        """Embeddings of positions [start_pos, start_pos + L) (B, L, D) -> float32 logits (B, L, V)."""
+        """Embeddings of positions [start_pos, start_pos + L) (B, L, D) -> final normed states (B, L, D)."""
         freqs = self.freqs_cis[start_pos : start_pos + h.shape[1]]  # (L, K/2, 2)
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
             h = layer(h, freqs, kv_cache=cache, start_pos=start_pos)  # (B, L, D)
-        return self.output(self.norm(h)).float()  # (B, L, V)
+        return self.norm(h)
+
+    def _logits(
+        self, h: torch.Tensor, *, start_pos: int = 0, caches: list[KVCache] | None = None
+    ) -> torch.Tensor:
+        """Embeddings of positions [start_pos, start_pos + L) (B, L, D) -> float32 logits (B, L, V)."""
+        return self.output(self._states(h, start_pos=start_pos, caches=caches)).float()  # (B, L, V)
 
     def _new_caches(self, batch_size: int) -> list[KVCache]:
         c = self.config
@@ -134,9 +140,8 @@ class ARModel(LlamaGenMixin, GenerativeModel):
             out = torch.empty(b, n, dtype=torch.long, device=labels.device)
             h = self.cls_embedding(labels, train=False)  # (B2, 1, D): prefill the class token
             for i in range(n):
-                logits = self._logits(h, start_pos=i, caches=caches)[:, -1]  # (B2, V)
-                if opts.guided:
-                    logits = guide(logits, opts.cfg_scale)  # (B, V)
+                states = self._states(h, start_pos=i, caches=caches)[:, -1]  # (B2, D)
+                logits = head_logits(self.output, states, opts.cfg_scale if opts.guided else None)  # (B, V)
                 token = opts.sample(logits)  # (B,)
                 out[:, i] = token
                 if i + 1 < n:

@@ -42,7 +42,7 @@ from raygen.models.layers import (
     apply_rotary_emb,
     drop_labels,
 )
-from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
+from raygen.models.sampling import SamplingOptions, both_halves, head_logits, sampling_entry, with_null_class
 
 SCHEDULES = ("arccos", "cosine")  # step schedules: how many tokens each step reveals
 CFG_SCHEDULES = ("linear", "constant")
@@ -289,14 +289,18 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
         v = rearrange(self.to_v(h), "b l (h k) -> b h l k", k=self.config.head_dim)
         return k, v  # (B, H, L, K) each
 
-    def _guided(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
-        """Pass 2: MASK queries at target positions freqs ((B|1), L, K/2, 2) -> float32 logits (B, L, V)."""
+    def _guided_states(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """Pass 2: MASK queries at target positions freqs ((B|1), L, K/2, 2) -> final normed states (B, L, D)."""
         # a module call, not a weight lookup, so ZeRO-3 gathers the partitioned table first
         mask = self.embeddings(torch.full((1, 1), self.mask_id, device=k.device))  # (1, 1, D)
         x = mask.expand(k.shape[0], freqs.shape[-3], -1)  # (B, L, D): the same query everywhere
         for layer in self.cross_layers:
             x = layer(x, freqs, k, v, causal=causal)  # (B, L, D)
-        return self.output(self.norm(x)).float()  # (B, L, V)
+        return self.norm(x)
+
+    def _guided(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """Pass 2 -> float32 logits (B, L, V) (see `_guided_states`)."""
+        return self.output(self._guided_states(k, v, freqs, causal=causal)).float()  # (B, L, V)
 
     def _teacher_forced(
         self, tokens: torch.Tensor, cond: torch.Tensor, order: torch.Tensor
@@ -454,11 +458,12 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
             k, v = shared.update(start, k, v)  # (B2, H, S, K): everything fed so far
             start += fed.shape[1]
             q_freqs = pos[:, done : done + n_pred]  # (Bo, n_pred, K/2, 2): targets' positions
-            logits = self._guided(k, v, q_freqs, causal=False)  # (B2, n_pred, V)
+            states = self._guided_states(k, v, q_freqs, causal=False)  # (B2, n_pred, D)
             done += n_pred
+            scale = None
             if guided:
                 scale = 1.0 + (cfg_scale - 1.0) * done / n if cfg_schedule == "linear" else cfg_scale
-                logits = guide(logits, scale)  # (B, n_pred, V)
+            logits = head_logits(self.output, states, scale)  # (B, n_pred, V)
             tokens = opts.sample(logits)  # (B, n_pred)
             seq[:, done - n_pred : done] = tokens
             fed = both_halves(tokens, guided)  # (B2, n_pred): both halves see the same tokens

@@ -31,7 +31,7 @@ from torch import nn
 from raygen.models.ar import ARConfig
 from raygen.models.base import FamilySpec, GenerativeModel, token_loss
 from raygen.models.layers import KVCache, LlamaGenMixin, RMSNorm, TransformerBlock
-from raygen.models.sampling import SamplingOptions, both_halves, guide, sampling_entry, with_null_class
+from raygen.models.sampling import SamplingOptions, both_halves, head_logits, sampling_entry, with_null_class
 
 # --- the proximity mask and the decoding schedule -------------------------------------------
 
@@ -177,7 +177,7 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         return self._flops(length=self.config.seq_len + 1, n_layer=self.config.n_layer + 1)
 
     # --- shared pieces of training and sampling ---------------------------------------------
-    def _heads(
+    def _states(
         self,
         h: torch.Tensor,
         *,
@@ -186,7 +186,7 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         caches: list[ScatterKVCache] | None = None,
         slots: Slots | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, L, D) -> float32 (R, B) logits (B, L, V) each.
+        """Embeddings (B, L, D) -> the normed states (B, L, D) the R and B heads read.
 
         freqs (L, K/2, 2) and mask (L, S) rows belong to the L positions; with caches, the
         keys/values go to `slots` and the mask's S columns are cache slots [0, slots.end).
@@ -194,10 +194,14 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
             if i == self.config.n_layer:  # the backbone output feeds both heads
-                logits_r = self.output(self.norm(h)).float()  # (B, L, V)
+                states_r = self.norm(h)  # (B, L, D)
             h = layer(h, freqs, attn_mask=mask, kv_cache=cache, start_pos=0 if slots is None else slots)
-        logits_b = self.medusa_output(self.medusa_norm(h)).float()  # (B, L, V)
-        return logits_r, logits_b
+        return states_r, self.medusa_norm(h)
+
+    def _heads(self, h: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, L, D) -> float32 (R, B) logits (B, L, V) each (`_states`' arguments)."""
+        states_r, states_b = self._states(h, **kw)
+        return self.output(states_r).float(), self.medusa_output(states_b).float()
 
     def _new_caches(self, batch_size: int) -> list[ScatterKVCache]:
         c = self.config
@@ -251,14 +255,15 @@ class NARModel(LlamaGenMixin, GenerativeModel):
             slots = Slots(index, end=max(fed, default=-1) + 2)
             freqs = self.freqs_cis.index_select(0, index)  # (L, K/2, 2)
             mask = self.attn_mask.index_select(0, index)[:, : slots.end]  # (L, S)
-            logits_r, logits_b = self._heads(h, freqs=freqs, mask=mask, caches=caches, slots=slots)
+            states_r, states_b = self._states(h, freqs=freqs, mask=mask, caches=caches, slots=slots)
             passes += 1
+            scale = cfg_scale if guided else None  # both heads are linear: guided before the mix below
+            logits_r = head_logits(self.output, states_r, scale)  # (B, L, V)
+            logits_b = head_logits(self.medusa_output, states_b, scale)
             if k == 0:
-                logits = (logits_r + logits_b) / 2  # (B2, 1, V)
+                logits = (logits_r + logits_b) / 2  # (B, 1, V)
             else:
-                logits = _diagonal_logits(logits_r, logits_b, growing=k < c.grid_size)  # (B2, L', V)
-            if guided:
-                logits = guide(logits, cfg_scale)  # (B, L', V)
+                logits = _diagonal_logits(logits_r, logits_b, growing=k < c.grid_size)  # (B, L', V)
             out[:, made] = pick(logits, made)  # (B, L')
             made_so_far += len(made)
         self.last_forward_passes = passes
