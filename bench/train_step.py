@@ -7,9 +7,13 @@
 Modes (compared in one run, same model, same global batch):
 - `torch`: a plain loop (AdamW, clipping; bf16 autocast when --precision bf16), one process.
 - `deepspeed`: raygen's DeepSpeedEngine in one process (world size 1; NCCL on GPU, gloo on CPU).
-- `ray`: `raygen train` itself: Ray Data streaming the tokenized digits into `--workers` Ray Train
+- `ray`: `raygen train` itself: Ray Data streaming the tokenized digits (at another --vocab,
+  --grid or --classes: a synthetic data set of seeded random ids) into `--workers` Ray Train
   workers driving DeepSpeed; step time and data_wait_frac come from the run's MLflow metrics
   (the first log window, which includes start-up, is left out).
+
+    python bench/train_step.py --modes torch,deepspeed,ray --arch '{"dim":512,"n_layer":12,"n_head":8}' \
+        --vocab 16384 --grid 16 --batch 16 --steps 6 --warmup 2 --threads 2   # the width-512 shape
 
 Prints one JSON object.
 """
@@ -17,6 +21,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -108,6 +113,30 @@ def bench_deepspeed(args, device) -> dict:
     return {**_time_steps(args, device, step), "zero_stage": args.stage}
 
 
+def synthetic_dataset(out: Path, args, rows: int) -> Path:
+    """A tokenized data set of seeded random ids at the bench's vocabulary and grid (what the
+    step costs does not depend on the values), written as `raygen tokenize` writes one."""
+    import numpy as np
+
+    from raygen.models.tokenizers import PaletteConfig, PaletteTokenizer
+    from raygen.platform.data import shards
+    from raygen.platform.data.tokenize import column_of
+
+    n = args.grid * args.grid
+    palette = torch.linspace(0, 255, args.vocab)[:, None]  # a codec spec for the manifest (never decodes here)
+    tok = PaletteTokenizer(PaletteConfig(size=args.vocab), image_size=args.grid, channels=1, palette=palette)
+    col = column_of(tok, "float16")
+    g = np.random.default_rng(0)
+    writer = shards.ShardWriter(out, [col], 512)
+    writer.add({col.name: g.integers(0, args.vocab, (rows, n), dtype=np.int32)},
+               g.integers(0, args.classes, rows), np.arange(rows))
+    writer.finish({"schema_version": shards.SCHEMA_VERSION, "request": {}, "skipped": [],
+                   "source": {"name": "synthetic", "path": None, "image_size": args.grid, "channels": 1, "rows": rows},
+                   "tokenizer": {**tok.spec(), "fingerprint": tok.fingerprint()}, "grid": [args.grid, args.grid],
+                   "vocab_size": args.vocab, "num_classes": args.classes})
+    return out
+
+
 def bench_ray(args) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -123,8 +152,12 @@ def bench_ray(args) -> dict:
                  f"model.size={args.size}", "sample.per_label=1", f"train.precision={args.precision}"]
     overrides += [f"model.arch.{k}={v}" for k, v in arch.items()]
     cfg = load_config("demo", overrides)
-    data = tokenize(cfg, progress=False)
-    r = train(cfg, data_dir=str(data.out))
+    if (args.vocab, args.grid, args.classes) == (16, 8, 10):  # the demo's own digits
+        data_dir = tokenize(cfg, progress=False).out
+    else:
+        data_dir = synthetic_dataset(work / "data", args, rows=max(2048, 4 * args.batch))
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's worker lines: stdout stays the JSON
+        r = train(cfg, data_dir=str(data_dir))
     client = MlflowClient(r.tracking_uri)
     hist = {k: [m.value for m in sorted(client.get_metric_history(r.run_id, k), key=lambda m: m.step)]
             for k in ("perf/samples_per_s", "perf/data_wait_frac")}

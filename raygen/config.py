@@ -100,7 +100,7 @@ class TrainConfig:
     workers: int | None = option(None, min=1, help="Ray Train workers; null = every GPU, or every local CPU")
     cpus_per_worker: float | None = option(None, min=0.01, help="CPUs per worker; null = share the CPUs, keeping one for data")
     use_gpu: bool | None = option(None, help="train on GPUs; null = when the cluster has them")
-    zero_stage: Literal["auto", 0, 1, 2, 3] = option("auto", help="DeepSpeed ZeRO stage; auto: 0 on one worker, 1 small, 2 from L, 3 from XL")
+    zero_stage: Literal["auto", 0, 1, 2, 3] = option("auto", help="DeepSpeed ZeRO stage; auto: the cheapest that fits a worker's memory (0, else 2, else 3)")
     precision: Literal["auto", "fp32", "bf16"] = option("auto", help="auto: bf16 on GPU, fp32 on CPU")
     lr: float = option(4e-4, min=0, help="peak learning rate")
     min_lr: float = option(0.0, min=0, help="learning rate at the end of the cosine")

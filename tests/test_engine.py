@@ -40,7 +40,12 @@ def test_auto_zero_stage():
     assert resolve_zero_stage("auto", n_params=10**8, world=2, device_mem_bytes=None) == 1
     assert resolve_zero_stage("auto", n_params=343 * 10**6, world=8, device_mem_bytes=None) == 2
     assert resolve_zero_stage("auto", n_params=775 * 10**6, world=8, device_mem_bytes=None) == 3
-    # a model whose weights and grads alone crowd the device goes to stage 3 early
+    # with a memory figure: the cheapest stage that fits 60% of it (16 B/param whole at stage 0)
+    h100 = 80e9
+    assert resolve_zero_stage("auto", n_params=343 * 10**6, world=8, device_mem_bytes=h100) == 0  # 5.5 GB
+    assert resolve_zero_stage("auto", n_params=3100 * 10**6, world=8, device_mem_bytes=h100) == 2  # 50 GB whole
+    assert resolve_zero_stage("auto", n_params=9000 * 10**6, world=8, device_mem_bytes=h100) == 3
+    # a model whose weights and grads alone crowd the device goes to stage 3
     assert resolve_zero_stage("auto", n_params=343 * 10**6, world=8, device_mem_bytes=2e9) == 3
     assert resolve_zero_stage(2, n_params=10, world=1, device_mem_bytes=None) == 2
 

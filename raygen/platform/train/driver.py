@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -137,6 +138,8 @@ def plan_training(cfg: Config, *, cluster_cpus: float, cluster_gpus: float, data
     device_mem = None
     if use_gpu and torch.cuda.is_available():
         device_mem = torch.cuda.get_device_properties(0).total_memory
+    elif not use_gpu:  # CPU workers share this host's memory (on a cluster: a conservative share)
+        device_mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / workers
     stage = resolve_zero_stage(t.zero_stage, n_params=n_params, world=workers, device_mem_bytes=device_mem)
     micro, accum = batch_split(t.global_batch, t.micro_batch, workers)
     if micro * workers > manifest["rows"]:

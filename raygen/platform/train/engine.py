@@ -52,18 +52,26 @@ def batch_split(global_batch: int, micro_batch: int | None, world: int) -> tuple
 
 
 def resolve_zero_stage(requested: str | int, *, n_params: int, world: int, device_mem_bytes: float | None) -> int:
-    """`auto`: 0 on one worker, 1 for small models, 2 from L-size, 3 from XL-size or when memory needs it."""
+    """`auto`: the cheapest stage whose model state fits: 0 on one worker or when the whole state
+    (weights, grads, Adam's two moments: 16 bytes a parameter) fits in 60% of a device's memory,
+    else 2 (weights whole, the rest partitioned: 4 + 12 / world bytes), else 3 (16 / world).
+    Without a memory figure, by size: 1 for small models, 2 from L-size, 3 from XL-size.
+
+    [I] Partitioning costs time: measured through Ray Train on 2 CPU workers (width 512, 12
+    layers, 58M parameters, fp32) ZeRO-0 took 1.01x the plain torch step, ZeRO-2 1.20x and
+    ZeRO-1 1.35x; on one H100, ar-L's ZeRO-0 step 0.079 s against ZeRO-2's 0.100 s.
+    """
     if requested != "auto":
         return int(requested)
     if world == 1:
         return 0
-    stage = 3 if n_params >= ZERO3_FROM_PARAMS else 2 if n_params >= ZERO2_FROM_PARAMS else 1
-    if device_mem_bytes and stage < 3:
-        # Mixed-precision Adam holds ~16 bytes/param; stage 2 keeps 4 (weights + grads) whole.
-        per_device_stage2 = n_params * (4 + 12 / world)
-        if per_device_stage2 > 0.6 * device_mem_bytes:
-            stage = 3
-    return stage
+    if device_mem_bytes:
+        budget = 0.6 * device_mem_bytes
+        for stage, per_param in ((0, 16.0), (2, 4 + 12 / world)):
+            if n_params * per_param <= budget:
+                return stage
+        return 3
+    return 3 if n_params >= ZERO3_FROM_PARAMS else 2 if n_params >= ZERO2_FROM_PARAMS else 1
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
