@@ -52,7 +52,7 @@ def run_part(script: str, argv: list[str]) -> dict:
     start = next((i for i, line in enumerate(lines) if line.startswith("{")), None)
     if start is None:
         return {"error": "no JSON on stdout", "command": cmd}
-    out = json.loads("\n".join(lines[start:]))
+    out, _ = json.JSONDecoder().raw_decode("\n".join(lines[start:]))  # and not what a library printed after it
     out["wall_s"] = round(time.time() - t0, 1)
     return out
 

@@ -101,7 +101,8 @@ def bench_deepspeed(args, device) -> dict:
     _reset_peak(device)
     model = _model(args, device)
     opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    ds = build_ds_config(global_batch=args.batch, micro_batch=None, world=1, stage=args.stage,
+    stage = 0 if args.stage == "auto" else int(args.stage)  # auto on one process: 0
+    ds = build_ds_config(global_batch=args.batch, micro_batch=None, world=1, stage=stage,
                          bf16=args.precision == "bf16", grad_clip=1.0)
     ds = {**ds, **json.loads(args.ds_config)}
     engine = DeepSpeedEngine(model, opt, ds)
@@ -110,7 +111,7 @@ def bench_deepspeed(args, device) -> dict:
         engine.backward(engine(batch, generator=gen)["loss"])
         engine.step()
 
-    return {**_time_steps(args, device, step), "zero_stage": args.stage}
+    return {**_time_steps(args, device, step), "zero_stage": stage}
 
 
 def synthetic_dataset(out: Path, args, rows: int) -> Path:
@@ -164,7 +165,8 @@ def bench_ray(args) -> dict:
     sps = statistics.mean(hist["perf/samples_per_s"][1:] or hist["perf/samples_per_s"])
     return {"step_s": args.batch / sps, "samples_per_s": sps,
             "data_wait_frac": statistics.mean(hist["perf/data_wait_frac"][1:] or hist["perf/data_wait_frac"]),
-            "workers": args.workers, "zero_stage": args.stage, "wall_s_total": r.seconds}
+            "workers": args.workers, "zero_stage": int(client.get_run(r.run_id).data.params["derived.zero_stage"]),
+            "wall_s_total": r.seconds}
 
 
 def _reset_peak(device) -> None:
@@ -194,7 +196,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--stage", type=int, default=2)
+    p.add_argument("--stage", default="auto", choices=["auto", "0", "1", "2", "3"],
+                   help="ZeRO stage (auto: what `raygen train` picks for this model and worker count)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--ds-config", default="{}", help="JSON merged into the ds_config (deepspeed mode)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for in-process modes (0 = default)")
