@@ -140,6 +140,18 @@ def test_the_size_is_read_from_the_shapes_and_another_size_is_refused_naming_bot
         _import(tmp_path, "ar", {"model": state}, [], data=make_dataset(tmp_path / "d"), size=None)
 
 
+def test_a_paper_size_of_another_family_is_named(tmp_path):
+    from raygen.models import build_model
+
+    with torch.device("meta"):  # shapes only: the checks never read a value
+        nar_b = build_model("nar", "B").state_dict()
+    with pytest.raises(UserError, match=r"matches no named size of family ar: its layout is nar B's$"):
+        _import(tmp_path, "ar", {"model": nar_b}, ["tokenizer.name=vq"], size=None)
+    with pytest.raises(UserError, match=r"is not an official arpg checkpoint \(no 'head.weight' in its state dict; "
+                                        r".*; its layout is nar B's$"):
+        _import(tmp_path, "arpg", {"model": nar_b}, ["tokenizer.name=vq"], size=None)
+
+
 def test_another_familys_file_names_its_first_mismatched_keys(tmp_path, ids_data):
     f = official("arpg")
     with pytest.raises(UserError, match=r"is not an official ar checkpoint \(not a LlamaGen c2i GPT state dict: "

@@ -142,13 +142,17 @@ def sizes_matching(family: str, read: dict[str, Any]) -> list[str]:
     return out
 
 
-def _choose_size(family: str, read: dict[str, Any], asked: str | None, path: str) -> str:
+def _choose_size(family: str, read: dict[str, Any], asked: str | None, path: str,
+                 state: dict[str, torch.Tensor]) -> str:
     """The size the file is: the named size its shapes match, or `asked`. `asked` gives the fields
     the weights do not fix (heads, grid); a file whose shapes match another named size is refused."""
     shaped = {k: v for k, v in read.items() if k not in DATA_FIELDS}
     fits = sizes_matching(family, read)
     if asked is None:
         if not fits:
+            other = looks_like(state, but=family)
+            if other:
+                raise UserError(f"'{path}' matches no named size of family {family}: its layout is {other}'s")
             raise UserError(f"'{path}' is a {family} checkpoint with {_fields_text(shaped)}, which no named size "
                             f"of {family} has ({', '.join(family_spec(family).sizes)}): pass --size for the fields "
                             "its shapes do not fix (heads), or model.arch.KEY=VALUE")
@@ -165,6 +169,27 @@ def _choose_size(family: str, read: dict[str, Any], asked: str | None, path: str
     return asked
 
 
+def looks_like(state: dict[str, torch.Tensor], but: str) -> str | None:
+    """'FAMILY SIZE' of another importable family whose layout takes this state dict exactly
+    (keys and shapes, at a named size), or None: what to tell a user who named the wrong family."""
+    for family in families.all_families():
+        spec = family_spec(family.name)
+        if family.name == but or spec.from_official is None:
+            continue
+        try:
+            read = spec.official_arch(state)
+            for size in sizes_matching(family.name, read):
+                with torch.device("meta"):
+                    model = build_model(family.name, size, **read)
+                want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                mapped = spec.from_official(state, model.config)
+                if want == {k: tuple(v.shape) for k, v in mapped.items()}:
+                    return f"{family.name} {size}"
+        except (KeyError, IndexError, ValueError, RuntimeError):
+            continue
+    return None
+
+
 def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str, what: str) -> None:
     """One UserError naming the first missing, unexpected and mis-shaped keys."""
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -175,8 +200,10 @@ def _check_keys(model: torch.nn.Module, state: dict[str, torch.Tensor], path: st
     if missing or extra or shaped:
         shown = ([f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in extra[:2]]
                  + [f"{k} is {got[k]}, {what} has {want[k]}" for k in shaped[:2]])
+        other = looks_like(state, but=what.split()[0])
         raise UserError(f"'{path}' does not fit {what}: {len(missing)} missing, {len(extra)} unexpected, "
-                        f"{len(shaped)} mis-shaped keys ({'; '.join(shown)})")
+                        f"{len(shaped)} mis-shaped keys ({'; '.join(shown)})"
+                        + (f"; its layout is {other}'s" if other else ""))
 
 
 def _codec_for(cfg: Config, data_dir: str | None, family: families.Family, grid: int | None) -> dict[str, Any]:
@@ -239,10 +266,11 @@ def import_generator(cfg: Config, family_name: str, path: str, *, size: str | No
         read = spec.official_arch(state)
     except (KeyError, IndexError, ValueError) as e:
         reason = f"no {e} in its state dict" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        other = looks_like(state, but=family.name)
         raise UserError(f"'{path}' is not an official {family.name} checkpoint ({reason}; it has e.g. "
-                        f"{', '.join(list(state)[:3])})") from None
+                        f"{', '.join(list(state)[:3])})" + (f"; its layout is {other}'s" if other else "")) from None
     arch = dict(cfg.model.arch)
-    chosen = _choose_size(family.name, read, size, path)
+    chosen = _choose_size(family.name, read, size, path, state)
     decoded = _codec_for(cfg, data_dir, family, read.get("grid_size"))
     info = decoded["info"]
     from_data = family.arch_from_data(info)
