@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from raygen.families.base import DATA_KINDS, DataInfo, Family, NoKnobs, Prepared
+from raygen.families.base import DATA_KINDS, DataInfo, Family, NoKnobs, PaperRow, Prepared
 
 FAMILIES: dict[str, Family] = {}
 _MODULES: dict[str, str] = {}
@@ -66,5 +66,5 @@ def all_families() -> list[Family]:
 
 load_plugins()
 
-__all__ = ["DataInfo", "Family", "NoKnobs", "Prepared", "FAMILIES", "register", "get", "module_of",
+__all__ = ["DataInfo", "Family", "NoKnobs", "PaperRow", "Prepared", "FAMILIES", "register", "get", "module_of",
            "all_families", "load_plugins"]

@@ -16,6 +16,8 @@ ask it:
     load(directory, meta)     how an export is composed (one model, or parts such as two stages)
     can_sample / can_edit     capabilities of a model of this family
     can_reconstruct           its models are codecs (an autoencoder): reconstruction grids and metrics
+    paper_rows                the rows of its paper's results table an evaluation can reproduce
+                              (`raygen eval MODEL --protocol paper`): size, sampling settings, scores
     finalize_export           export fields measured after training (a codec's latent scale)
     add_commands(sub)         extra CLI verbs (`raygen cluster`); add_register_args / compose for
                               exports made of several runs (`raygen models register A --stage2 B`)
@@ -67,6 +69,32 @@ class Prepared:
     export: dict[str, Any] = field(default_factory=dict)  # added to the export's config.json
 
 
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of a paper's results table, as an evaluation preset (`raygen eval --protocol paper[:KEY]`).
+
+    `sample` holds the sample.* settings the paper evaluated with (cfg_scale, steps, temperature,
+    top_k, top_p and the family's knobs as {"knobs": {...}}); the scores are the paper's own,
+    printed beside raygen's by `raygen report`. None = the paper does not give it.
+    """
+
+    key: str  # how --protocol paper:KEY names it, e.g. "64-steps"; the first row of a size is its default
+    size: str  # the raygen size the row's model is (e.g. "L")
+    paper: str  # where the numbers are: "ARPG (arXiv 2503.10568 v5), Table 2"
+    model: str  # the row's model as the table names it: "ARPG-L"
+    params: str  # as the paper prints it: "320M"
+    sample: dict[str, Any]
+    fid: float | None
+    inception_score: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    images_per_s: float | None = None
+    throughput_setup: str = ""  # the hardware and batch behind images_per_s: "1xA800, batch 64, bf16"
+    resolution: int = 256  # image side in pixels
+    n: int = 50_000  # samples the paper's FID uses (FID-50K), balanced over the classes
+    note: str = ""
+
+
 @dataclass
 class NoKnobs:
     """A family whose sampler has no options beyond the common ones."""
@@ -81,6 +109,7 @@ class Family:
     settings: ClassVar[type | None] = None  # the typed section at cfg.<name>; None: no section
     settings_help: ClassVar[str] = ""
     knobs: ClassVar[type] = NoKnobs  # typed sample.knobs
+    paper_rows: ClassVar[tuple[PaperRow, ...]] = ()  # the paper's table rows (evaluation presets)
 
     # --- data ---------------------------------------------------------------------------
     def arch_from_data(self, data: DataInfo) -> dict[str, Any]:
