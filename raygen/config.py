@@ -159,6 +159,9 @@ class EvalConfig:
     reference: str | None = option(None, path=True, help="reference statistics file (raygen eval --make-reference); null = digits: the real digits")
     is_splits: int = option(10, min=1, help="Inception Score splits")
     pr_k: int = option(3, min=1, help="k of the k-NN manifolds for precision/recall")
+    protocol: str | None = option(
+        None, help="an evaluation preset from the family's paper table: 'paper' = the row of the model's size (sample "
+        "count, sampling settings; needs an ADM reference batch), 'paper:KEY' = another row; null = the model's own config")
 
 
 @dataclass

@@ -130,3 +130,84 @@ def test_report_prints_one_table_and_logs_it(workdir, registered, run_cli):
     client, run = _run(workdir, run_id)
     assert "report.txt" in {a.path for a in client.list_artifacts(run_id)}
     assert run.data.metrics["perf/sample_images_per_s"] > 0
+
+
+def _adm_batch(path, images, weights_state):
+    """An ADM evaluator reference batch (its .npz layout) of `images` (N, H, W, 3) uint8, its statistics
+    made with `weights_state` the way the ADM evaluator makes them with TF's Inception."""
+    import numpy as np
+    import torch
+
+    from raygen.platform.evaluate import metrics as M
+
+    f = M.Extractors(inception_state=weights_state)(torch.from_numpy(images))
+    mu, sigma = M.feature_stats(f["inception_pool"])
+    mu_s, sigma_s = M.feature_stats(f["inception_spatial"])
+    np.savez(path, arr_0=images, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    return f
+
+
+def test_eval_against_an_adm_reference_batch_records_what_made_the_numbers(workdir, registered, run_cli, tmp_path):
+    """An ADM-layout reference scores FID, sFID, precision/recall exactly as a raygen reference holding the same
+    statistics and features; the evaluator, extractor and reference (sha256) land in the run and the report."""
+    import numpy as np
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from raygen.models.inception import FIDInceptionV3
+    from raygen.platform.data.shards import sha256_file
+    from raygen.platform.evaluate import metrics as M
+    from raygen.platform.evaluate.digits import digits_split
+    from raygen.platform.evaluate.scoring import latest_eval
+
+    run_id, uri = registered
+    torch.manual_seed(0)
+    weights = tmp_path / "inception.pth"
+    torch.save(FIDInceptionV3().state_dict(), weights)  # random weights: the wiring, not the numbers
+    w = M.load_inception_weights(str(weights))
+    grey = digits_split()["test_x"][:12]  # (12, 8, 8, 1) uint8
+    adm = tmp_path / "VIRTUAL_digits8_labeled.npz"
+    f = _adm_batch(adm, np.repeat(grey, 3, axis=-1), w.state)
+    own = M.Reference(8, 1, {"name": "digits"})
+    own.add(M.INCEPTION, w.fingerprint, f["inception_pool"], spatial=f["inception_spatial"])
+    own.save(tmp_path / "own.npz")
+
+    common = ["--n", "8", "--inception-weights", str(weights), f"workdir={workdir}", "eval.batch_size=4",
+              "eval.is_splits=2"]
+    code, out, err = run_cli("eval", uri, "--reference", str(adm), *common)
+    assert code == 0, err
+    assert "scored as RGB" in out and f"reference {adm.name} (sha256 {sha256_file(adm)[:16]})" in out
+    client = MlflowClient(f"sqlite:///{workdir.resolve()}/mlflow.db")
+    run = client.get_run(run_id)
+    m_adm = {k: v for k, v in run.data.metrics.items() if k in ("eval/fid", "eval/sfid", "eval/precision", "eval/recall")}
+    assert len(m_adm) == 4 and m_adm["eval/sfid"] > 0
+    tags = run.data.tags
+    assert tags["raygen.eval.reference"] == adm.name and tags["raygen.eval.reference_sha256"] == sha256_file(adm)
+    assert tags["raygen.eval.evaluator"].startswith("raygen-adm/") and f"inception-v3-fid:{w.fingerprint}" in \
+        tags["raygen.eval.extractors"]
+    record = latest_eval(f"sqlite:///{workdir.resolve()}/mlflow.db", run_id)  # the eval JSON artifact
+    assert record["identity"]["reference"]["kind"] == "adm" and record["identity"]["reference"]["sha256"] == \
+        sha256_file(adm)
+
+    code, out, err = run_cli("eval", uri, "--reference", str(tmp_path / "own.npz"), *common)
+    assert code == 0, err
+    m_own = client.get_run(run_id).data.metrics
+    for k, v in m_adm.items():  # the same statistics and features: the same scores
+        assert m_own[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+    code, out, err = run_cli("report", run_id, "--workdir", str(workdir), "--no-sampling")
+    assert code == 0, err
+    assert "evaluator" in out and "raygen-adm/" in out and "own.npz (raygen" in out and "sfid" in out
+    code, out, err = run_cli("report", run_id, f"runs:/{run_id}", "--workdir", str(workdir), "--no-sampling")
+    assert code == 0, err
+    head, *rows = out.strip().splitlines()
+    assert head.split()[:6] == ["model", "params", "steps", "FID", "sFID", "IS"] and len(rows) == 2
+    assert f"{m_own['eval/fid']:.2f}" in rows[0]
+
+    # Refused with one line: another resolution; a paper protocol for a size no paper table has.
+    _adm_batch(tmp_path / "adm16.npz", np.zeros((4, 16, 16, 3), np.uint8) + np.arange(4, dtype=np.uint8)[:, None, None, None],
+               w.state)
+    code, _, err = run_cli("eval", uri, "--reference", str(tmp_path / "adm16.npz"), *common)
+    assert code == 2 and "holds 16x16x3 images but the model makes 8x8x1" in err
+    code, _, err = run_cli("eval", uri, "--protocol", "paper", "--reference", str(adm), *common)
+    assert code == 2 and "the paper's table has rows for sizes" in err

@@ -207,6 +207,7 @@ def test_inception_weights_load_from_a_local_file_with_weights_only(tmp_path):
     ext = M.Extractors(inception_state=w.state)
     out = ext(torch.zeros(3, 8, 8, 3, dtype=torch.uint8))
     assert out["inception_pool"].shape == (3, 2048) and out["inception_logits"].shape == (3, 1008)
+    assert out["inception_spatial"].shape == (3, 2023) and out["inception_spatial"].dtype == np.float64
 
 
 def test_missing_or_wrong_inception_weights_say_how_to_provide_the_file(tmp_path, monkeypatch):
@@ -271,6 +272,56 @@ def test_reference_round_trip_and_refusals(tmp_path):
         M.Reference.load(tmp_path / "bad.npz")
     with pytest.raises(UserError, match="does not exist; make one with `raygen eval --make-reference"):
         M.Reference.load(tmp_path / "missing.npz")
+
+
+def test_reference_with_spatial_statistics_round_trips_as_format_2(tmp_path):
+    import hashlib
+    import json
+
+    rng = np.random.default_rng(1)
+    feats, spatial = rng.normal(size=(40, 16)), rng.uniform(0, 1, size=(40, 12))
+    ref = M.Reference(32, 3, {"name": "toy"})
+    ref.add(M.INCEPTION, "aaaa", feats, spatial=spatial)
+    ref.add(M.DIGITS, "dddd", feats[:, :8])  # no spatial statistics for this one
+    path = ref.save(tmp_path / "ref.npz")
+    assert json.loads(str(np.load(path)["meta"]))["format"] == M.REFERENCE_FORMAT == 2
+    back = M.Reference.load(path)
+    s = back.get(M.INCEPTION, "aaaa")
+    mu_s, sigma_s = M.feature_stats(spatial)
+    assert np.array_equal(s["mu_s"], mu_s) and np.array_equal(s["sigma_s"], sigma_s) and s["features"].shape == (40, 16)
+    assert "mu_s" not in back.get(M.DIGITS, "dddd")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert back.identity() == {"name": "ref.npz", "path": str(path), "sha256": digest, "kind": "raygen",
+                               "resolution": "32x32x3", "n": {M.INCEPTION: 40, M.DIGITS: 40}}
+    # a format-2 entry may come without features (FID only)
+    del ref.stats[M.DIGITS]["features"]
+    assert "features" not in M.Reference.load(ref.save(tmp_path / "nofeat.npz")).get(M.DIGITS, "dddd")
+    with pytest.raises(ValueError, match="spatial features of 39 images for 40 images' features"):
+        ref.add(M.INCEPTION, "aaaa", feats, spatial=spatial[:39])
+
+
+def test_reference_format_1_files_still_load(tmp_path):
+    """A file in the format-1 layout, written by hand: meta + {extractor}/mu, /sigma, /features."""
+    import json
+
+    rng = np.random.default_rng(2)
+    feats = rng.normal(size=(25, 6))
+    mu, sigma = M.feature_stats(feats)
+    meta = {"format": 1, "image_size": 8, "channels": 1, "source": {"name": "digits"},
+            "created": "2025-01-01T00:00:00Z", "extractors": {M.DIGITS: {"fingerprint": "ffff", "n": 25}}}
+    path = tmp_path / "old.npz"
+    np.savez(path, meta=np.array(json.dumps(meta)), **{f"{M.DIGITS}/mu": mu, f"{M.DIGITS}/sigma": sigma,
+                                                        f"{M.DIGITS}/features": feats.astype(np.float32)})
+    ref = M.Reference.load(path)
+    s = ref.get(M.DIGITS, "ffff")
+    assert ref.kind == "raygen" and ref.resolution == "8x8x1" and ref.created == "2025-01-01T00:00:00Z"
+    assert np.array_equal(s["mu"], mu) and np.array_equal(s["sigma"], sigma) and s["features"].shape == (25, 6)
+    assert "mu_s" not in s and len(ref.sha256) == 64
+    meta["format"] = 3
+    np.savez(tmp_path / "new.npz", meta=np.array(json.dumps(meta)),
+             **{f"{M.DIGITS}/mu": mu, f"{M.DIGITS}/sigma": sigma})
+    with pytest.raises(UserError, match="has format 3; this raygen reads formats 1, 2"):
+        M.Reference.load(tmp_path / "new.npz")
 
 
 def test_mfu_is_logged_only_with_a_known_gpu_peak(monkeypatch):

@@ -188,6 +188,10 @@ class Family:
     def can_edit(self, meta: dict[str, Any]) -> bool:
         return False
 
+    def paper_size(self, meta: dict[str, Any]) -> str:
+        """The size `paper_rows` name an export by (an export made of parts may name itself otherwise)."""
+        return str(meta.get("size"))
+
     def can_reconstruct(self, meta: dict[str, Any]) -> bool:
         """Whether its models are codecs: `model.reconstruct(images)` instead of sampling (the
         platform logs originals above reconstructions, and reconstruction metrics)."""

@@ -32,7 +32,7 @@ import torch
 
 from raygen.errors import ConfigError, DataError, UserError
 from raygen.families import register
-from raygen.families.base import Family, Prepared
+from raygen.families.base import Family, PaperRow, Prepared
 from raygen.models.ctf import CTFPair, Lookup, check_lookup, cluster_codebook, lookup_fingerprint
 from raygen.models.tokenizers import from_spec
 from raygen.options import option
@@ -236,6 +236,69 @@ def make_pair(uri: str, stage1_run: str, stage2_run: str, *, workdir: str) -> tu
     return run_id, metrics
 
 
+# --- the paper's rows ------------------------------------------------------------------------
+# A row's size is its stage 1 (B, L, XL); the stage 2 behind every row is the paper's 343M aux model
+# (aux-L), K = 512. Table 1 / Table 2 use the grey defaults of Table 3: CFG 2.0, tau1 = tau2 = 1.1,
+# stage-2 top-k "all". Table 3's sampling ablations are of LlamaGen-B + CTF with the 343M stage 2 (its
+# tau2 = 1.1 row is Table 1's B row, number for number); the held settings of each sub-table follow from
+# the rows the sub-tables share (5.33 = CFG 2, tau1 = tau2 = 1.0, top-k all; 4.16 = tau1 1.1, tau2 1.0).
+# Left out: Table 3a (K = 128 / 1024: other models) and 3b's 111M / 775M stage 2 (other pairs).
+TABLES_1_2 = "CTF (arXiv 2503.16194), Tables 1 and 2"
+SETUP = "1xA100, batch 64, stage 1 + the 343M stage 2"
+ASSUMED = ("Assumed (not in the sources): stage 1 samples without top-k/top-p; stage 2 keeps each fine id inside its "
+           "coarse label's cluster (restrict, raygen's design) and uses no CFG; FID over 50K samples.")
+
+
+def _sample(cfg: float, tau1: float, tau2: float, fine_top_k: int = 0) -> dict:
+    return {"cfg_scale": cfg, "steps": 256, "temperature": tau1, "top_k": 0, "top_p": 1.0,
+            "knobs": {"fine_temperature": tau2, "fine_top_k": fine_top_k, "fine_top_p": 1.0, "restrict": True}}
+
+
+def _row(key: str, size: str, paper: str, params: str, sample: dict, scores: tuple[float, float, float, float],
+         images_per_s: float | None, note: str) -> PaperRow:
+    fid, inception_score, precision, recall = scores
+    return PaperRow(key=key, size=size, paper=paper, model=f"LlamaGen-{size} + CTF", params=params, sample=sample,
+                    fid=fid, inception_score=inception_score, precision=precision, recall=recall,
+                    images_per_s=images_per_s, throughput_setup=SETUP if images_per_s else "",
+                    note=f"{note} {ASSUMED}")
+
+
+MAIN = ("FID/IS/P/R from Table 1, params and images/s from Table 2; CFG 2.0, tau1 = tau2 = 1.1 and stage-2 top-k "
+        "all are Table 3's defaults (docs/models.md).")
+
+
+def _ablation(key: str, table: str, sample: dict, scores: tuple[float, float, float, float], held: str) -> PaperRow:
+    return _row(key, "B", f"CTF (arXiv 2503.16194), Table {table}", "87M+343M", sample, scores, None,
+                f"Table {table}, LlamaGen-B + CTF with the 343M stage 2 (inferred: its tau2 = 1.1 row equals "
+                f"Table 1's B row); {held}")
+
+
+CTF_PAPER_ROWS: tuple[PaperRow, ...] = (
+    _row("tau1.1-1.1", "B", TABLES_1_2, "87M+343M", _sample(2.0, 1.1, 1.1), (4.15, 254.99, 0.86, 0.48), 12.83, MAIN),
+    _ablation("tau1.0-1.0", "3b-3e", _sample(2.0, 1.0, 1.0), (5.33, 285.15, 0.89, 0.43),
+              "the row Tables 3b-3e share (343M stage 2, CFG 2.00, top-k all, tau1 1.0)."),
+    _ablation("cfg1.75", "3c", _sample(1.75, 1.0, 1.0), (4.24, 247.02, 0.86, 0.48),
+              "tau1 = tau2 = 1.0 held (inferred: its CFG 2.00 row is Table 3e's tau1 = 1.0 row)."),
+    _ablation("cfg2.25", "3c", _sample(2.25, 1.0, 1.0), (6.71, 313.06, 0.90, 0.41),
+              "tau1 = tau2 = 1.0 held (inferred: its CFG 2.00 row is Table 3e's tau1 = 1.0 row)."),
+    _ablation("fine-top-k1", "3d", _sample(2.0, 1.0, 1.0, fine_top_k=1), (6.95, 210.21, 0.87, 0.39),
+              "stage-2 top-k 1; CFG 2, tau1 = tau2 = 1.0 held (inferred: its 'All' row is Table 3e's tau1 = 1.0 row)."),
+    _ablation("fine-top-k32", "3d", _sample(2.0, 1.0, 1.0, fine_top_k=32), (5.35, 286.73, 0.89, 0.43),
+              "stage-2 top-k 32; CFG 2, tau1 = tau2 = 1.0 held (inferred: its 'All' row is Table 3e's tau1 = 1.0 "
+              "row)."),
+    _ablation("tau0.9-1.0", "3e", _sample(2.0, 0.9, 1.0), (7.30, 292.73, 0.90, 0.39),
+              "tau1 0.9; tau2 = 1.0 held (inferred: its tau1 = 1.1 row is Table 3f's tau2 = 1.0 row)."),
+    _ablation("tau1.1-1.0", "3e/3f", _sample(2.0, 1.1, 1.0), (4.16, 259.45, 0.86, 0.47),
+              "the row Tables 3e (tau1 1.1) and 3f (tau2 1.0) share; CFG 2, top-k all."),
+    _ablation("tau1.1-0.9", "3f", _sample(2.0, 1.1, 0.9), (5.55, 288.01, 0.89, 0.43),
+              "tau2 0.9; tau1 = 1.1 held (Table 3f follows 3e's best tau1); CFG 2, top-k all."),
+    _row("tau1.1-1.1", "L", TABLES_1_2, "310M+343M", _sample(2.0, 1.1, 1.1), (2.97, 291.53, 0.84, 0.53), 8.71,
+         MAIN + " The defaults were ablated on B; that L and XL use them is an inference."),
+    _row("tau1.1-1.1", "XL", TABLES_1_2, "734M+343M", _sample(2.0, 1.1, 1.1), (2.76, 299.69, 0.84, 0.55), 6.26,
+         MAIN + " The defaults were ablated on B; that L and XL use them is an inference."),
+)
+
+
 # --- the plugin ----------------------------------------------------------------------------
 
 
@@ -244,6 +307,7 @@ class CTF(Family):
     settings = CTFSettings
     settings_help = "coarse-to-fine (family ctf): codebook clusters"
     knobs = CTFPairKnobs  # a stage-2 run's knobs are its pair's; a stage 1 alone takes none
+    paper_rows = CTF_PAPER_ROWS
 
     def prepare(self, cfg, manifest: dict[str, Any], data_dir: str, arch: dict[str, Any]) -> Prepared:
         lf = resolve_lookup(cfg.ctf, manifest, cfg.workdir, data_dir=f"data set '{data_dir}'")
@@ -264,6 +328,13 @@ class CTF(Family):
 
     def can_sample(self, meta: dict[str, Any]) -> bool:
         return meta.get("kind") == PAIR_KIND or meta["model_config"].get("stage") == 1
+
+    def paper_size(self, meta: dict[str, Any]) -> str:
+        """A pair is its stage 1's size (the paper's rows pair each stage 1 with the 343M aux model); a
+        lone stage is not what the table scores."""
+        if meta.get("kind") == PAIR_KIND:
+            return str(meta["size"]).split("+")[0]
+        return f"{meta.get('size')} (stage {meta['model_config'].get('stage')} alone, not a pair)"
 
     def generate_kwargs(self, model, knobs: CTFPairKnobs) -> dict[str, Any]:
         return super().generate_kwargs(model, knobs) if isinstance(model, CTFPair) else {}

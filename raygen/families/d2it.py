@@ -19,7 +19,7 @@ import torch
 
 from raygen.errors import ConfigError, UserError
 from raygen.families import register
-from raygen.families.base import Family
+from raygen.families.base import Family, PaperRow
 from raygen.models.grain import grain_map_image
 from raygen.options import option
 
@@ -78,11 +78,39 @@ class GrainBank:
         return torch.stack(out)
 
 
+# D2iT's Table 2 (ImageNet 256, FID-50K): D2iT-XL with and without classifier-free guidance ("-G"). The
+# sources give no sampler, step count, guidance scale or grain-map setting: DiT's (docs/models.md sec. 5),
+# 250 DDPM steps with learned variance, CFG 1.5, is assumed, with the grain map predicted by the DGT
+# (Table 5: the paper's pipeline) without guidance at temperature 1. Left out: D2iT-L and D2iT-B (FFHQ
+# results only: Tables 1, 3-5).
+TABLE_2 = "D2iT (arXiv 2504.09454), Table 2"
+ASSUMED = ("Assumed (not in the sources): DiT's sampler, 250 respaced DDPM steps with learned variance, temperature "
+           "1; the grain map predicted by the Dynamic Grain Transformer without guidance at temperature 1.")
+
+
+def _sample(cfg: float) -> dict:
+    knobs = {"grain_source": "predicted", "grain_cfg_scale": 1.0, "grain_temperature": 1.0, "random_fine_ratio": 0.5,
+             "sampler": "ddpm", "eta": 0.0, "cfg_schedule": "constant"}
+    return {"cfg_scale": cfg, "steps": 250, "temperature": 1.0, "knobs": knobs}
+
+
+D2IT_PAPER_ROWS: tuple[PaperRow, ...] = (
+    PaperRow(key="cfg", size="XL", paper=TABLE_2, model="D2iT-XL-G", params="687M", sample=_sample(1.5), fid=1.73,
+             inception_score=307.89, precision=0.87, recall=0.56,
+             note="With classifier-free guidance; the scale is not in the sources: DiT's 1.5 (constant) is assumed. "
+                  + ASSUMED),
+    PaperRow(key="no-cfg", size="XL", paper=TABLE_2, model="D2iT-XL", params="687M", sample=_sample(1.0), fid=5.74,
+             inception_score=156.29, precision=0.72, recall=0.66,
+             note="Without guidance (CFG 1: the table's rows without -G). " + ASSUMED),
+)
+
+
 class D2iTFamily(Family):
     name = "d2it"
     data_kind = "latents"
     side_columns = ("fine", "grain")
     knobs = D2iTKnobs
+    paper_rows = D2IT_PAPER_ROWS
 
     def generate_kwargs(self, model, knobs: D2iTKnobs) -> dict[str, Any]:
         kw = {k: v for k, v in vars(knobs).items() if k != "grain_source"}

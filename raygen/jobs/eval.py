@@ -2,6 +2,7 @@
 
     raygen eval models:/NAME@latest --n 1000 sample.cfg_scale=3
     raygen eval --make-reference work/data/digits-palette-8 --out work/ref-digits8.npz
+    raygen eval models:/imagenet-l@champion --protocol paper --reference VIRTUAL_imagenet256_labeled.npz
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model (FID/IS/precision/recall, digits metrics) or make a reference")
     p.add_argument("model", nargs="?", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or an export directory")
     p.add_argument("--n", type=int, help="= eval.n: images to sample")
-    p.add_argument("--reference", metavar="REF", help="= eval.reference: statistics from --make-reference")
+    p.add_argument("--reference", metavar="REF", help="= eval.reference: statistics from --make-reference, or an ADM "
+                   "evaluator reference batch (.npz, e.g. VIRTUAL_imagenet256_labeled.npz)")
+    p.add_argument("--protocol", metavar="paper[:KEY]", help="= eval.protocol: the family's paper-table row for the "
+                   "model's size (50,000 samples, the paper's sampling settings)")
     p.add_argument("--make-reference", metavar="DATA_DIR", help="compute reference statistics from a tokenized data set")
     p.add_argument("--out", metavar="REF", help="with --make-reference: the file to write")
     p.add_argument("--inception-weights", metavar="PATH", help="= eval.inception_weights: pt_inception-2015-12-05-6726825d.pth")
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model and re.match(r"^[A-Za-z_][\w.]*=", args.model):  # a key=value override, not a model
         args.overrides = [args.model, *(args.overrides or [])]
         args.model = None
-    flags = {"eval.n": args.n, "eval.reference": args.reference, "eval.inception_weights": args.inception_weights,
+    flags = {"eval.n": args.n, "eval.reference": args.reference, "eval.protocol": args.protocol, "eval.inception_weights": args.inception_weights,
              "eval.workers": args.workers, "sample.cfg_scale": args.cfg, "sample.steps": args.steps,
              "sample.seed": args.seed, "tracking.uri": args.tracking_uri}
     if args.make_reference:
@@ -62,9 +66,19 @@ def run(args: argparse.Namespace) -> int:
         print_dry_run(target.cfg, {"model": target.export_dir, "run": target.run_id, **alias_knobs_derived(target.knobs)})
         return 0
     print_alias_knobs(args.model, target.knobs)
+    if target.row is not None:
+        from raygen.platform.evaluate.protocol import describe
+
+        print(f"protocol: {describe(target.row)}: {target.cfg.eval.n} samples, {target.row.sample}")
     r = evaluate.evaluate(target)
+    paper = evaluate.paper_scores(target.row)
     for k, v in r["metrics"].items():
-        print(f"{k} {v:.4f}")
+        print(f"{k} {v:.4f}" + (f" (paper {paper[k]:g})" if paper.get(k) is not None else ""))
+    ident = r["identity"]
+    ref = ident.get("reference") or {}
+    print(f"evaluator {ident['evaluator']}; extractors "
+          + ", ".join(f"{k} {v['fingerprint']}" for k, v in ident["extractors"].items())
+          + f"; reference {ref.get('name', 'none')}" + (f" (sha256 {ref['sha256'][:16]})" if ref.get("sha256") else ""))
     print(f"{r['n']} images on {r['workers']} workers in {r['seconds']:.0f} s")
     for note in r["notes"]:
         print(f"note: {note}")

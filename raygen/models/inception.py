@@ -9,6 +9,13 @@ the FID weights were ported from ("pt_inception-2015-12-05", the Inception of TF
 - Mixed_7c (InceptionE): the pool branch max-pools instead of average-pooling (a quirk of
   that graph, kept because the weights were fitted with it).
 
+Spatial features (sFID): OpenAI's ADM evaluator (guided-diffusion/evaluations/evaluator.py) also
+reads the TF tensor `mixed_6/conv:0`. The TF graph numbers its mixed blocks mixed, mixed_1, ...
+mixed_10 = Mixed_5b, 5c, 5d, 6a, 6b, 6c, 6d, ..., so `mixed_6` is Mixed_6d, and its `conv` is the
+1x1 branch: `mixed_6/conv:0` == the output of `Mixed_6d.branch1x1` here (after its batch norm
+and ReLU), (B, 192, 17, 17). ADM keeps its first 7 channels in TF's NHWC layout, flattened per
+image: (B, 17, 17, 7) -> (B, 2023) = `forward(x, spatial=True)[2]`.
+
 Module and parameter names match torchvision's, so the state dict of
 `pt_inception-2015-12-05-6726825d.pth` (pytorch-fid's release file) loads as it is, with
 `torch.load(weights_only=True)`, from a local path. Nothing is ever downloaded.
@@ -23,6 +30,7 @@ pytorch-fid's.
     net = FIDInceptionV3().eval()
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     pool, logits = net(images)  # float (B, 3, H, W) in [0, 1] -> (B, 2048), (B, 1008)
+    pool, logits, spatial = net(images, spatial=True)  # ... and (B, 2023), ADM's sFID features
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub convention: the file name carrie
 INPUT_SIZE = 299  # images are resized (bilinear) to 299x299, as pytorch-fid does
 POOL_DIM = 2048
 NUM_CLASSES = 1008  # the TF graph's softmax: 1000 ImageNet classes + 8 unused
+SPATIAL_CHANNELS = 7  # ADM's sFID keeps the first 7 channels of mixed_6/conv (Mixed_6d.branch1x1)
+SPATIAL_GRID = 17  # Mixed_6d's grid at the 299x299 input
+SPATIAL_DIM = SPATIAL_GRID * SPATIAL_GRID * SPATIAL_CHANNELS  # 2023
 
 
 class BasicConv2d(nn.Module):
@@ -110,14 +121,18 @@ class InceptionC(nn.Module):
         self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
         self.branch_pool = BasicConv2d(c_in, 192, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 768, 17, 17) -> (B, 768, 17, 17)
-        b1 = self.branch1x1(x)
+    def forward(self, x: torch.Tensor,
+                keep_branch1x1: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, 768, 17, 17) -> (B, 768, 17, 17); with keep_branch1x1, also the 1x1 branch's output
+        (B, 192, 17, 17) as a second value (computed once: it is a slice of the block's own work)."""
+        b1 = self.branch1x1(x)  # (B, 192, 17, 17)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = self.branch7x7dbl_1(x)
         for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
             bd = conv(bd)
         bp = self.branch_pool(_tf_avg_pool(x))
-        return torch.cat([b1, b7, bd, bp], 1)
+        out = torch.cat([b1, b7, bd, bp], 1)
+        return (out, b1) if keep_branch1x1 else out
 
 
 class InceptionD(nn.Module):
@@ -197,11 +212,13 @@ class FIDInceptionV3(nn.Module):
         x = images.float().div(255.0).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float (B, 3, H, W) in [0, 1] -> pool (B, 2048), logits (B, 1008).
+    def forward(self, x: torch.Tensor, spatial: bool = False) -> tuple[torch.Tensor, ...]:
+        """x float (B, 3, H, W) in [0, 1] -> pool (B, 2048), logits (B, 1008)[, spatial (B, 2023)].
 
         The logits are the pool features times the softmax weights without the bias, as in
         the original Inception Score code (and torch-fidelity's `logits_unbiased`).
+        With `spatial`, also ADM's sFID features: the first 7 channels of Mixed_6d.branch1x1's
+        output (TF's `mixed_6/conv:0`) in NHWC order, flattened (see the module docstring).
         """
         x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
         x = 2 * x - 1  # (B, 3, 299, 299) in [-1, 1]
@@ -214,12 +231,18 @@ class FIDInceptionV3(nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)  # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_6c(self.Mixed_6b(x))  # (B, 768, 17, 17)
+        if spatial:
+            x, b1 = self.Mixed_6d(x, keep_branch1x1=True)  # (B, 768, 17, 17), (B, 192, 17, 17)
+            feats = b1[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(len(b1), SPATIAL_DIM)  # (B, 2023)
+        else:
+            x = self.Mixed_6d(x)
+        x = self.Mixed_6e(x)  # (B, 768, 17, 17)
         x = self.Mixed_7a(x)  # (B, 1280, 8, 8)
         x = self.Mixed_7c(self.Mixed_7b(x))  # (B, 2048, 8, 8)
         pool = x.mean(dim=(2, 3))  # (B, 2048): adaptive average pool to 1x1
         logits = pool @ self.fc.weight.t()  # (B, 1008)
-        return pool, logits
+        return (pool, logits, feats) if spatial else (pool, logits)
 
 
 def state_dict_problems(net: FIDInceptionV3, state: dict[str, torch.Tensor]) -> list[str]:

@@ -55,6 +55,8 @@ class EvalTarget:
     run_id: str | None
     meta: dict[str, Any]
     knobs: dict[str, Any] = field(default_factory=dict)  # from the alias's sweep (tracking.alias_knobs)
+    row: Any = None  # the paper row eval.protocol names (raygen.families.base.PaperRow), or None
+    changed: list[str] = field(default_factory=list)  # settings that differ from the row's (flags, overrides)
 
     @property
     def image_size(self) -> int:
@@ -66,9 +68,10 @@ class EvalTarget:
 
 
 def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> EvalTarget:
-    """The model's own sampling defaults, then the knobs a sweep tagged on its alias, then the
-    flags, then key=value overrides."""
+    """The model's own sampling defaults, then the knobs a sweep tagged on its alias (or, with
+    eval.protocol, the paper row's settings instead), then the flags, then key=value overrides."""
     from raygen.platform import tracking
+    from raygen.platform.evaluate import protocol
     from raygen.platform.evaluate.sampling import family_of, read_export_meta
 
     base = load_config(None, overrides, **flags)
@@ -76,10 +79,14 @@ def resolve_target(model: str, overrides: list[str], flags: dict[str, Any]) -> E
     export_dir, run_id = tracking.resolve_model(uri, model)
     meta = read_export_meta(export_dir)
     family_of(meta)  # an imported codec's weights: say what they are for
-    knobs = tracking.alias_knobs(uri, model)
+    knobs, row = tracking.alias_knobs(uri, model), None
+    if base.eval.protocol:
+        row = protocol.protocol_row(meta, base.eval.protocol)
+        knobs = protocol.settings(row)  # the paper's settings, not a sweep's
     cfg = load_config(None, overrides, **{**{f"sample.{k}": v for k, v in meta["sample"].items()}, **knobs,
                                           **{k: v for k, v in flags.items() if v is not None}})
-    return EvalTarget(cfg, uri, Path(export_dir), run_id, meta, knobs)
+    changed = protocol.departures(cfg, row) if row is not None else []
+    return EvalTarget(cfg, uri, Path(export_dir), run_id, meta, {} if row is not None else knobs, row, changed)
 
 
 def balanced_labels(classes: list[int], n: int) -> list[int]:
@@ -285,15 +292,22 @@ def real_features_ray(cfg: Config, src: dict[str, Any], payload: dict[str, Any])
     from raygen.platform.cluster.connect import init_ray
 
     init_ray(cfg.ray)
-    workers, _, use_gpu = _pool_shape(cfg)
+    workers, _, _ = _pool_shape(cfg)
     source, decoder = _source_items(src)
+    per_block = max(1, min(256, len(source.items) // (4 * workers) or 1))
+    ds = ray.data.from_items(source.items, override_num_blocks=max(1, len(source.items) // per_block))
+    return _featurise(cfg, ds.map_batches(decoder, batch_size=per_block, num_cpus=1), payload)
+
+
+def _featurise(cfg: Config, ds, payload: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A Ray dataset of decoded rows (image, error) -> the extractors' arrays, in order, from an actor pool."""
+    import ray
+
+    workers, _, use_gpu = _pool_shape(cfg)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True
-    per_block = max(1, min(256, len(source.items) // (4 * workers) or 1))
-    ds = ray.data.from_items(source.items, override_num_blocks=max(1, len(source.items) // per_block))
-    ds = ds.map_batches(decoder, batch_size=per_block, num_cpus=1)
     ds = ds.map_batches(_FeatureActor, fn_constructor_kwargs={"payload_ref": [ray.put(payload)]},
                         batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=workers),
                         num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)
@@ -320,7 +334,7 @@ def make_reference(cfg: Config, data_dir: str | Path, out: str | Path) -> M.Refe
     if digits:
         ref.add(M.DIGITS, digits[1], feats["digits_features"])
     if weights:
-        ref.add(M.INCEPTION, weights.fingerprint, feats["inception_pool"])
+        ref.add(M.INCEPTION, weights.fingerprint, feats["inception_pool"], spatial=feats["inception_spatial"])
     ref.save(out)
     return ref
 
@@ -345,46 +359,166 @@ def implicit_digits_reference(cfg: Config, target: EvalTarget, digits: tuple[dic
 # --------------------------------------------------------------------------------------
 
 
+EVALUATOR = "raygen-adm/1"  # raygen's implementation of the ADM evaluator's metrics (see metrics.py)
+EVALUATOR_DIGITS = "raygen-digits/1"  # class accuracy and FD-digits with the held-out digits classifier
+
+
+def _check_reference(target: EvalTarget, reference: M.Reference, notes: list[str]) -> None:
+    """Refuse a reference made at another resolution; grey samples against an ADM batch are compared as RGB."""
+    if reference.kind == "adm":
+        if not reference.has_images:
+            notes.append(f"reference '{reference.name}' holds statistics only (no arr_0 images): its resolution is "
+                         "not checked and there is no precision/recall")
+            return
+        if reference.image_size != target.image_size:
+            raise UserError(f"reference '{reference.name}' holds {reference.resolution} images but the model makes "
+                            f"{target.image_size}x{target.image_size}x{target.channels}; statistics at another "
+                            "resolution are not comparable: use the ADM reference batch of the model's resolution")
+        if target.channels == 1:
+            notes.append("the model makes grey images; they are scored as RGB (the channel repeated), as the ADM "
+                         "evaluator would see them converted")
+        return
+    reference.check_resolution(target.image_size, target.channels)
+
+
+def reference_features(cfg: Config, reference: M.Reference, weights: M.InceptionWeights) -> np.ndarray:
+    """Inception pool features of an ADM reference batch's images (arr_0), for precision/recall.
+
+    The ADM evaluator computes them from the same images; they are cached under
+    <workdir>/cache/references by the reference's sha256 and the weights' fingerprint.
+    """
+    cache = Path(cfg.workdir) / "cache" / "references" / f"{reference.sha256[:16]}-{weights.fingerprint}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    images = reference.real_images()  # (N, H, W, 3) uint8
+    print(f"eval: Inception features of the reference's {len(images)} images (cached for later evaluations)",
+          file=console.err())
+    if len(images) <= 4 * cfg.eval.batch_size:  # a few batches: this process
+        feats = M.Extractors(inception_state=weights.state)(torch.from_numpy(images))["inception_pool"]
+    else:
+        import ray
+
+        from raygen.platform.cluster.connect import init_ray
+
+        init_ray(cfg.ray)
+        ds = ray.data.from_numpy(images).map_batches(_as_decoded, batch_size=cfg.eval.batch_size)
+        feats = _featurise(cfg, ds, {"inception": weights.state})["inception_pool"]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp.npy")
+    np.save(tmp, feats.astype(np.float32))
+    tmp.replace(cache)
+    return feats
+
+
+def _as_decoded(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """ray.data.from_numpy's `data` column as the decoder's (image, error) rows."""
+    return {"image": batch["data"], "error": np.zeros(len(batch["data"]), dtype=bool)}
+
+
+def paper_scores(row) -> dict[str, float | None]:
+    """A paper row's scores under raygen's metric names ({} without a row)."""
+    if row is None:
+        return {}
+    return {"eval/fid": row.fid, "eval/is": row.inception_score, "eval/precision": row.precision,
+            "eval/recall": row.recall}
+
+
+def identity(target: EvalTarget, reference: M.Reference | None, digits: tuple | None,
+             weights: M.InceptionWeights | None) -> dict[str, Any]:
+    """Which evaluator, feature extractors and reference produced an evaluation (eval JSON, tags, report)."""
+    from raygen.platform.evaluate import protocol
+
+    extractors = {}
+    if digits:
+        extractors[M.DIGITS] = {"fingerprint": digits[1]}
+    if weights:
+        extractors[M.INCEPTION] = {"fingerprint": weights.fingerprint, "sha256": weights.sha256,
+                                   "path": weights.path, "standard": weights.standard}
+    evaluators = ([EVALUATOR] if weights else []) + ([EVALUATOR_DIGITS] if digits else [])
+    ref = reference.identity() if reference is not None else (
+        {"name": "the real digits", "kind": "implicit"} if digits else None)
+    out = {"evaluator": ",".join(evaluators), "extractors": extractors, "reference": ref}
+    if target.row is not None:
+        out["protocol"] = protocol.record(target.row, target.changed)
+    return out
+
+
+def identity_tags(ident: dict[str, Any]) -> dict[str, str]:
+    """The identity as run tags (tags, unlike params, follow the latest evaluation)."""
+    ref = ident.get("reference") or {}
+    tags = {"raygen.eval.evaluator": ident["evaluator"],
+            "raygen.eval.extractors": ",".join(f"{k}:{v['fingerprint']}" for k, v in ident["extractors"].items()),
+            "raygen.eval.reference": ref.get("name", "none"),
+            "raygen.eval.reference_sha256": ref.get("sha256", "-"),
+            "raygen.eval.protocol": "-"}
+    if "protocol" in ident:
+        p = ident["protocol"]
+        tags["raygen.eval.protocol"] = p["name"] + (" (with changes)" if p["changed"] else "")
+    return tags
+
+
 def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     """Sample cfg.eval.n images, score them, log them to the model's run; returns what was measured."""
+    from raygen.platform.evaluate import protocol
     from raygen.platform.evaluate.sampling import is_digits
 
     cfg, meta, e = target.cfg, target.meta, target.cfg.eval
     t0 = time.time()
     # Everything that can refuse does so before a sample is drawn.
     classes = _check_sampling(target)
+    notes: list[str] = []
+    if target.row is not None:
+        if not e.reference:
+            raise UserError(f"--protocol {e.protocol} compares with {protocol.describe(target.row)}: give --reference "
+                            "REF, the ADM evaluator's reference batch of the paper's data set as a local file (for "
+                            "ImageNet 256x256: VIRTUAL_imagenet256_labeled.npz)")
+        if target.changed:
+            notes.append(f"not the paper's protocol: {'; '.join(target.changed)}")
     reference = M.Reference.load(e.reference) if e.reference else None
     if reference is not None:
-        reference.check_resolution(target.image_size, target.channels)
+        _check_reference(target, reference, notes)
+        if target.row is not None and reference.kind != "adm":
+            notes.append(f"reference '{reference.name}' is raygen's own, not the ADM reference batch the paper used")
     fid_ref = reference is not None and M.INCEPTION in reference.stats
-    weights = M.load_inception_weights(
-        e.inception_weights, needed_by=f"reference '{e.reference}' (it holds Inception statistics)" if fid_ref else None)
+    needed_by = f"reference '{e.reference}' (it holds Inception statistics)" if fid_ref else None
+    weights = M.load_inception_weights(e.inception_weights, needed_by=needed_by or (
+        f"--protocol {e.protocol}" if target.row is not None else None))
     digits = _digits_extractor(cfg) if is_digits(meta) else None
     if digits is None and weights is None:
         raise M.weights_missing_error(
             f"the model's data ({meta['data'].get('source')}) is not digits, so only Inception metrics apply")
-    notes: list[str] = []
     digits_ref = None
     if digits is not None:
         has_digits = reference is not None and M.DIGITS in reference.stats
         digits_ref = reference if has_digits else implicit_digits_reference(cfg, target, digits)
         digits_ref.check_resolution(target.image_size, target.channels)
         digits_ref.get(M.DIGITS, digits[1])
+    inception_ref = None
     if weights is not None:
         if e.n < e.is_splits:
             raise ConfigError(f"eval.n={e.n} is below eval.is_splits={e.is_splits}")
         if fid_ref:
-            real = reference.get(M.INCEPTION, weights.fingerprint)["features"]
-            if min(e.n, len(real)) <= e.pr_k:
+            inception_ref = dict(reference.get(M.INCEPTION, weights.fingerprint))
+            if reference.kind == "adm" and reference.has_images:
+                inception_ref["features"] = reference_features(cfg, reference, weights)
+            real = inception_ref.get("features")
+            if real is not None and min(e.n, len(real)) <= e.pr_k:
                 raise ConfigError(f"precision/recall with eval.pr_k={e.pr_k} need more than {e.pr_k} images on each "
                                   f"side; eval.n={e.n}, the reference keeps {len(real)}")
+            if "mu_s" not in inception_ref:
+                notes.append(f"reference '{reference.name}' has no spatial statistics: no sFID (remake it with "
+                             "`raygen eval --make-reference`)")
         elif reference is not None:
             notes.append(f"reference '{reference.name}' has no Inception statistics: no FID or precision/recall")
         else:
-            notes.append("FID and precision/recall need --reference REF (`raygen eval --make-reference DATA_DIR --out REF`)")
+            notes.append("FID and precision/recall need --reference REF (`raygen eval --make-reference DATA_DIR --out REF`"
+                         ", or the ADM evaluator's reference batch)")
         if not weights.standard:
             notes.append(f"the Inception weights {weights.path} are not pytorch-fid's release file: "
                          "FID is not comparable with papers")
+        elif reference is not None and reference.kind == "adm":
+            notes.append("the reference's statistics come from the ADM evaluator's TensorFlow Inception; raygen's "
+                         "features come from pytorch-fid's port of it (README, Evaluate: how far they can differ)")
 
     labels = balanced_labels(classes, e.n)
     payload = _payload(target, digits[0] if digits else None, weights.state if weights else None)
@@ -392,15 +526,16 @@ def evaluate(target: EvalTarget, *, progress: bool = True) -> dict[str, Any]:
     got = sample_features(cfg, payload, labels, keep_images=keep, progress=progress)
 
     out = score_features(got, digits_ref.get(M.DIGITS, digits[1]) if digits is not None else None,
-                         reference.get(M.INCEPTION, weights.fingerprint) if fid_ref else None, e.is_splits, e.pr_k,
-                         class_names=target.meta["data"].get("class_names"))
+                         inception_ref, e.is_splits, e.pr_k, class_names=target.meta["data"].get("class_names"))
     out["perf/eval_images_per_s"] = e.n / got["seconds"]
 
+    ident = identity(target, reference, digits, weights)
     extractors = ([f"{M.DIGITS}:{digits[1]}"] if digits else []) + ([f"{M.INCEPTION}:{weights.fingerprint}"] if weights else [])
     params = {f"eval.sample.{k}": v for k, v in dataclasses.asdict(cfg.sample).items() if k != "per_label"}
-    params.update({"eval.n": e.n, "eval.reference": (reference or digits_ref).name if (reference or digits_ref) else "none", "eval.extractors": ",".join(extractors)})
+    params.update({"eval.n": e.n, "eval.reference": (reference or digits_ref).name if (reference or digits_ref) else "none",
+                   "eval.extractors": ",".join(extractors)})
     result = {"metrics": out, "run_id": target.run_id, "n": e.n, "workers": got["workers"],
-              "seconds": time.time() - t0, "params": params, "notes": notes, "kept_params": {}}
+              "seconds": time.time() - t0, "params": params, "notes": notes, "kept_params": {}, "identity": ident}
     if target.run_id:
         _log(target, result, got.get("images"), got["labels"], classes)
     return result
@@ -411,7 +546,8 @@ def score_features(feats: dict[str, np.ndarray], digits_ref: dict[str, Any] | No
                    class_names: list[str] | None = None) -> dict[str, float]:
     """The metrics of sampled features (`raygen eval`'s, and a sample sweep trial's): class accuracy
     and FD-digits when the digits classifier ran, IS when Inception ran, FID against
-    `inception_ref` ({mu, sigma}), and precision/recall when it also holds the real `features`."""
+    `inception_ref` ({mu, sigma}), sFID when it holds spatial statistics ({mu_s, sigma_s}) and
+    precision/recall when it also holds the real `features`."""
     out: dict[str, float] = {}
     if "digits_pred" in feats:
         from raygen.platform.evaluate.digits import digit_labels
@@ -426,7 +562,10 @@ def score_features(feats: dict[str, np.ndarray], digits_ref: dict[str, Any] | No
         if inception_ref is not None:
             out["eval/fid"] = M.frechet_distance(*M.feature_stats(feats["inception_pool"]),
                                                  inception_ref["mu"], inception_ref["sigma"])
-            if "features" in inception_ref:
+            if "mu_s" in inception_ref and "inception_spatial" in feats:
+                out["eval/sfid"] = M.frechet_distance(*M.feature_stats(feats["inception_spatial"]),
+                                                      inception_ref["mu_s"], inception_ref["sigma_s"])
+            if inception_ref.get("features") is not None:
                 out["eval/precision"], out["eval/recall"] = M.precision_recall(inception_ref["features"],
                                                                                feats["inception_pool"], pr_k)
     return out
@@ -441,7 +580,8 @@ def _log(target: EvalTarget, result: dict[str, Any], images: np.ndarray | None, 
     tracking.log_metrics(uri, run_id, result["metrics"], int(target.meta.get("steps") or 0))
     result["kept_params"] = tracking.log_new_params(uri, run_id, result["params"])
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"{time.time() % 1:.3f}"[1:]  # sorts in time order
-    record = {k: result[k] for k in ("metrics", "params", "n", "notes")}
+    tracking.set_tags(uri, run_id, identity_tags(result["identity"]))
+    record = {k: result[k] for k in ("metrics", "params", "n", "notes", "identity")}
     tracking.log_text(uri, run_id, json.dumps(record, indent=1, default=str), f"eval/eval-{stamp}.json")
     if images is not None and len(images):
         import tempfile
@@ -498,6 +638,26 @@ def _fmt(v: float | None, spec: str = ".3g") -> str:
     return format(v, spec)
 
 
+def identity_rows(ident: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """The report's lines on which evaluator, extractors, reference and protocol made the numbers."""
+    if not ident:
+        return [("eval", "evaluator", "not recorded (an evaluation by an earlier raygen)")]
+    rows = [("eval", "evaluator", ident["evaluator"])]
+    for name, x in ident["extractors"].items():
+        what = "" if "standard" not in x else (" (pytorch-fid's release file)" if x["standard"] else " (other weights)")
+        rows.append(("eval", "extractor", f"{name} {x['fingerprint']}{what}"))
+    ref = ident.get("reference")
+    if ref:
+        where = f"{ref.get('kind', '?')}" + (f", {ref['resolution']}" if ref.get("resolution") else "") + \
+            (f", sha256 {ref['sha256'][:16]}" if ref.get("sha256") else "")
+        rows.append(("eval", "reference", f"{ref.get('name')} ({where})"))
+    proto = ident.get("protocol")
+    if proto:
+        changed = f"; with changes: {'; '.join(proto['changed'])}" if proto["changed"] else ""
+        rows.append(("eval", "protocol", f"{proto['name']}: {proto['model']}, {proto['paper']}{changed}"))
+    return rows
+
+
 def report(run: str, *, workdir: str = "work", tracking_uri: str | None = None, measure: bool = True) -> dict[str, Any]:
     """One table for a run: model, training throughput, sampling throughput and memory, eval metrics."""
     from raygen.platform import tracking
@@ -548,9 +708,13 @@ def report(run: str, *, workdir: str = "work", tracking_uri: str | None = None, 
         rows.append(("eval", "config", f"n {last['n']}, cfg {ep.get('eval.sample.cfg_scale')}, temperature "
                                        f"{ep.get('eval.sample.temperature')}, steps {ep.get('eval.sample.steps') or 'default'}, "
                                        f"seed {ep.get('eval.sample.seed')}, reference {ep.get('eval.reference')}"))
+        rows += identity_rows(last.get("identity"))
+        paper = (last.get("identity") or {}).get("protocol", {}).get("scores", {})
         for k, v in sorted(last["metrics"].items()):
             if k.startswith("eval/"):
-                rows.append(("eval", k[len("eval/"):], _fmt(v, ".4g")))
+                name = k[len("eval/"):]
+                theirs = paper.get(name)
+                rows.append(("eval", name, _fmt(v, ".4g") + (f"  (paper {theirs:g})" if theirs is not None else "")))
     w1, w2 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
     lines = [f"{'section'.ljust(w1)}  {'metric'.ljust(w2)}  value", f"{'-' * w1}  {'-' * w2}  -----"]
     prev = None
@@ -563,3 +727,60 @@ def report(run: str, *, workdir: str = "work", tracking_uri: str | None = None, 
         tracking.log_metrics(uri, run_id, {"perf/sample_images_per_s": sampled["images_per_s"],
                                            "mem/sample_peak_gb": sampled["peak_gb"]}, int(meta.get("steps") or 0))
     return {"text": text, "run_id": run_id, "sampling": sampled, "rows": rows}
+
+
+def paper_table(runs: list[str], *, workdir: str = "work", tracking_uri: str | None = None,
+                measure: bool = True) -> dict[str, Any]:
+    """Several evaluated models in the papers' layout, each followed by the row its protocol reproduces.
+
+    Columns: model, params, steps, FID, sFID, IS, precision, recall, img/s. raygen's numbers come from
+    each model's latest evaluation; img/s is measured here (one batch, one worker) unless measure=False,
+    then the last logged measurement.
+    """
+    from raygen.platform import tracking
+
+    uri = tracking.tracking_uri(workdir, tracking_uri)
+    head = ["model", "params", "steps", "FID", "sFID", "IS", "Prec", "Rec", "img/s"]
+    lines: list[list[str]] = []
+    for run in runs:
+        ref = run if ":/" in run or Path(run).is_dir() else f"runs:/{run}"
+        target = resolve_target(ref, [f"workdir={workdir}"] + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []),
+                                {})
+        run_id = target.run_id or target.meta.get("run_id")
+        if not run_id:
+            raise UserError(f"'{run}' is not tied to an MLflow run; give a run id, runs:/RUN_ID or models:/NAME@ALIAS")
+        r = tracking.get_run(uri, run_id)
+        last = latest_eval(uri, run_id)
+        if last is None:
+            raise UserError(f"'{run}' has no evaluation yet: `raygen eval {ref}` first")
+        m = last["metrics"]
+        n_params = r.data.params.get("derived.n_params")
+        if measure:
+            speed = f"{measure_sampling(target)['images_per_s']:.1f}"
+        else:
+            hist = tracking.metric_history(uri, run_id, "perf/sample_images_per_s")
+            speed = _fmt(hist[-1][1], ".1f") if hist else "-"
+        steps = last["params"].get("eval.sample.steps") or "default"
+        meta = target.meta
+        lines.append([f"raygen {meta['family']} {meta['size']} ({run})",
+                      f"{int(n_params) / 1e6:.1f}M" if n_params else "-", str(steps),
+                      *(_fmt(m.get(f"eval/{k}"), f) for k, f in (("fid", ".2f"), ("sfid", ".2f"), ("is", ".1f"),
+                                                                 ("precision", ".2f"), ("recall", ".2f"))), speed])
+        proto = (last.get("identity") or {}).get("protocol")
+        if proto:
+            sc = proto["scores"]
+            changed = " *" if proto["changed"] else ""
+            lines.append([f"  paper {proto['model']}{changed}", proto["params"],
+                          str(proto["sample"].get("steps", "-")), _fmt(sc.get("fid"), ".2f"), "-",
+                          _fmt(sc.get("is"), ".1f"), _fmt(sc.get("precision"), ".2f"), _fmt(sc.get("recall"), ".2f"),
+                          _fmt(sc.get("images_per_s"), ".1f")])
+    widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
+    fmt = [lambda t, w: t.ljust(w)] + [lambda t, w: t.rjust(w)] * (len(head) - 1)
+    text = "\n".join("  ".join(f(c, w) for f, c, w in zip(fmt, row, widths)) for row in [head, *lines]) + "\n"
+    notes = []
+    if any(row[0].endswith(" *") for row in lines):
+        notes.append("* evaluated with settings that differ from the paper's (see `raygen report RUN`)")
+    if any(row[0].startswith("  paper") for row in lines):
+        notes.append("paper img/s are the paper's hardware (see each row's throughput setup); raygen's are measured "
+                     "here, one batch on one worker")
+    return {"text": text + "".join(f"{n}\n" for n in notes), "rows": lines}

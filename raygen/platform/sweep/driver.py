@@ -305,10 +305,14 @@ def _plan_sample(spec: SweepSpec, overrides: list[str], model: str, tracking_uri
     weights = M.inception_weights_path(e.inception_weights)[0]
     if weights is not None:
         have.add("eval/is")
-        if e.reference and M.INCEPTION in M.Reference.load(e.reference).stats:
+        ref = M.Reference.load(e.reference) if e.reference else None
+        if ref is not None and M.INCEPTION in ref.stats:
             have.add("eval/fid")
+            if "mu_s" in ref.stats[M.INCEPTION]:
+                have.add("eval/sfid")
     if spec.metric not in have:
         why = {"eval/fid": "needs Inception weights (eval.inception_weights) and eval.reference with Inception statistics",
+               "eval/sfid": "needs Inception weights and eval.reference with spatial Inception statistics",
                "eval/is": "needs Inception weights (eval.inception_weights or RAYGEN_INCEPTION_WEIGHTS)"}.get(
             spec.metric, f"needs a digits model (this one was trained on {meta['data'].get('source')})")
         raise ConfigError(f"metric {spec.metric} {why}; available here: {', '.join(sorted(have)) or 'none'}")
@@ -670,12 +674,12 @@ def _sample_context(plan: SweepPlan) -> dict[str, Any]:
             evaluate.implicit_digits_reference(cfg, target, digits)
         s = ref.get(M.DIGITS, digits[1])
         ctx.update(digits=digits[0], digits_ref={"mu": s["mu"], "sigma": s["sigma"]})
-    if plan.spec.metric in ("eval/is", "eval/fid"):
+    if plan.spec.metric in ("eval/is", "eval/fid", "eval/sfid"):
         weights = M.load_inception_weights(e.inception_weights, needed_by=f"metric {plan.spec.metric}")
         ctx["inception"] = weights.state
         if reference is not None and M.INCEPTION in reference.stats:
             s = reference.get(M.INCEPTION, weights.fingerprint)
-            ctx["fid_ref"] = {"mu": s["mu"], "sigma": s["sigma"]}
+            ctx["fid_ref"] = {k: s[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in s}
     return ctx
 
 
@@ -836,7 +840,7 @@ def format_table(rows: list[TrialRow], spec: SweepSpec, best: TrialRow | None) -
     """The results, best first: one row per trial with its values, outcome and metrics."""
     keys = [d.key for d in spec.space]
     extra = [m for m in (["train/loss", "eval/class_acc"] if spec.kind == "train" else
-                         ["eval/class_acc", "eval/fd_digits", "eval/fid", "eval/is"])
+                         ["eval/class_acc", "eval/fd_digits", "eval/fid", "eval/sfid", "eval/is"])
              if m != spec.metric and any(m in r.metrics for r in rows)]
     head = ["trial", "status", *keys, spec.metric, *extra] + (["steps"] if spec.kind == "train" else []) + ["time", "run"]
     sign = 1 if spec.mode == "min" else -1

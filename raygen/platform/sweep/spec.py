@@ -49,7 +49,7 @@ SPEC_KEYS = {
     "overrides": "a list of key=value config overrides applied to every trial",
     "space": "the search space: {config.key: {choice|grid|uniform|loguniform: [...]}}",
     "metric": "what ranks the trials (train: train/loss, eval/class_acc; sample: eval/fd_digits, eval/class_acc, "
-              "eval/fid, eval/is)",
+              "eval/fid, eval/sfid, eval/is)",
     "mode": "min or max; default: the metric's own direction",
     "num_samples": "samples of the random keys per grid point (trials = num_samples x grid points)",
     "scheduler": "asha (train sweeps' default), none, or {name: asha, max_t, grace_period, reduction_factor, metric, mode}",
@@ -61,7 +61,8 @@ SPEC_KEYS = {
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
 TRAIN_METRICS = {"train/loss": "min", "eval/class_acc": "max"}
-SAMPLE_METRICS = {"eval/fd_digits": "min", "eval/class_acc": "max", "eval/fid": "min", "eval/is": "max"}
+SAMPLE_METRICS = {"eval/fd_digits": "min", "eval/class_acc": "max", "eval/fid": "min", "eval/sfid": "min",
+                  "eval/is": "max"}
 SCHEDULER_KEYS = ("name", "max_t", "grace_period", "reduction_factor", "metric", "mode")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Keys that size and place the trials (the sweep plans its resources from them) or say where
