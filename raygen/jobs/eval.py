@@ -63,7 +63,13 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--out goes with --make-reference")
     target = evaluate.resolve_target(args.model, args.overrides, flags)
     if args.dry_run:
-        print_dry_run(target.cfg, {"model": target.export_dir, "run": target.run_id, **alias_knobs_derived(target.knobs)})
+        derived = {"model": target.export_dir, "run": target.run_id, **alias_knobs_derived(target.knobs)}
+        if target.row is not None:
+            from raygen.platform.evaluate.protocol import describe
+
+            derived["protocol"] = describe(target.row) + (f"; with changes: {'; '.join(target.changed)}"
+                                                          if target.changed else "")
+        print_dry_run(target.cfg, derived)
         return 0
     print_alias_knobs(args.model, target.knobs)
     if target.row is not None:
