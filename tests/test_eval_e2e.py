@@ -165,7 +165,7 @@ def test_eval_against_an_adm_reference_batch_records_what_made_the_numbers(workd
     weights = tmp_path / "inception.pth"
     torch.save(FIDInceptionV3().state_dict(), weights)  # random weights: the wiring, not the numbers
     w = M.load_inception_weights(str(weights))
-    grey = digits_split()["test_x"][:12]  # (12, 8, 8, 1) uint8
+    grey = digits_split()["test_x"][:20]  # (20, 8, 8, 1) uint8
     adm = tmp_path / "VIRTUAL_digits8_labeled.npz"
     f = _adm_batch(adm, np.repeat(grey, 3, axis=-1), w.state)
     own = M.Reference(8, 1, {"name": "digits"})
@@ -174,6 +174,7 @@ def test_eval_against_an_adm_reference_batch_records_what_made_the_numbers(workd
 
     common = ["--n", "8", "--inception-weights", str(weights), f"workdir={workdir}", "eval.batch_size=4",
               "eval.is_splits=2"]
+    # 20 reference images are more than 4 batches of eval.batch_size=4: the Ray Data actor pool featurises them
     code, out, err = run_cli("eval", uri, "--reference", str(adm), *common)
     assert code == 0, err
     assert "scored as RGB" in out and f"reference {adm.name} (sha256 {sha256_file(adm)[:16]})" in out
