@@ -60,3 +60,22 @@ def test_the_row_becomes_config_flags_and_overrides_are_reported_as_departures()
                                              f"sample.cfg_scale=3.0 (the paper: {row.sample['cfg_scale']})"]
     rec = protocol.record(row, protocol.departures(cfg, row))
     assert rec["name"] == "paper:64-steps" and rec["scores"]["fid"] == row.fid and len(rec["changed"]) == 2
+
+
+def test_the_paper_table_puts_each_papers_row_under_the_model_that_reproduced_it():
+    from raygen.platform.evaluate.scoring import format_paper_table
+
+    row = protocol.protocol_row(_meta("nar", "L"), "paper")
+    entries = [{"model": "raygen nar L (models:/nar-l/3)", "params": 372_000_000, "steps": 31,
+                "metrics": {"eval/fid": 3.1234, "eval/sfid": 5.5, "eval/is": 260.04, "eval/precision": 0.8,
+                            "eval/recall": 0.5}, "images_per_s": 12.34, "protocol": protocol.record(row, [])},
+               {"model": "raygen nar L (runs:/abc)", "params": None, "steps": "default", "metrics": {"eval/fid": 9.0},
+                "images_per_s": None, "protocol": protocol.record(row, ["sample.cfg_scale=3.0 (the paper: 2.0)"])}]
+    head, ours, paper, ours2, paper2, star, speed = format_paper_table(entries).splitlines()
+    assert head.split() == ["model", "params", "steps", "FID", "sFID", "IS", "Prec", "Rec", "img/s"]
+    assert ours.split()[-8:] == ["372.0M", "31", "3.12", "5.50", "260.0", "0.80", "0.50", "12.3"]
+    assert paper.startswith("  paper NAR-L ") and paper.split()[-8:-6] == [row.params, "31"]
+    assert paper.split()[-6] == f"{row.fid:.2f}" and paper.split()[-5] == "-"  # the paper gives no sFID
+    assert ours2.split()[-8:] == ["-", "default", "9.00", "-", "-", "-", "-", "-"]
+    assert paper2.startswith("  paper NAR-L *") and star.startswith("* evaluated with settings that differ")
+    assert speed.startswith("paper img/s come from the paper's hardware")

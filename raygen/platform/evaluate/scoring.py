@@ -740,8 +740,7 @@ def paper_table(runs: list[str], *, workdir: str = "work", tracking_uri: str | N
     from raygen.platform import tracking
 
     uri = tracking.tracking_uri(workdir, tracking_uri)
-    head = ["model", "params", "steps", "FID", "sFID", "IS", "Prec", "Rec", "img/s"]
-    lines: list[list[str]] = []
+    entries = []
     for run in runs:
         ref = run if ":/" in run or Path(run).is_dir() else f"runs:/{run}"
         target = resolve_target(ref, [f"workdir={workdir}"] + ([f"tracking.uri={tracking_uri}"] if tracking_uri else []),
@@ -753,34 +752,42 @@ def paper_table(runs: list[str], *, workdir: str = "work", tracking_uri: str | N
         last = latest_eval(uri, run_id)
         if last is None:
             raise UserError(f"'{run}' has no evaluation yet: `raygen eval {ref}` first")
-        m = last["metrics"]
-        n_params = r.data.params.get("derived.n_params")
         if measure:
-            speed = f"{measure_sampling(target)['images_per_s']:.1f}"
+            speed = measure_sampling(target)["images_per_s"]
         else:
             hist = tracking.metric_history(uri, run_id, "perf/sample_images_per_s")
-            speed = _fmt(hist[-1][1], ".1f") if hist else "-"
-        steps = last["params"].get("eval.sample.steps") or "default"
-        meta = target.meta
-        lines.append([f"raygen {meta['family']} {meta['size']} ({run})",
-                      f"{int(n_params) / 1e6:.1f}M" if n_params else "-", str(steps),
-                      *(_fmt(m.get(f"eval/{k}"), f) for k, f in (("fid", ".2f"), ("sfid", ".2f"), ("is", ".1f"),
-                                                                 ("precision", ".2f"), ("recall", ".2f"))), speed])
-        proto = (last.get("identity") or {}).get("protocol")
+            speed = hist[-1][1] if hist else None
+        n_params = r.data.params.get("derived.n_params")
+        entries.append({"model": f"raygen {target.meta['family']} {target.meta['size']} ({run})",
+                        "params": int(n_params) if n_params else None,
+                        "steps": last["params"].get("eval.sample.steps") or "default", "metrics": last["metrics"],
+                        "images_per_s": speed, "protocol": (last.get("identity") or {}).get("protocol")})
+    return {"text": format_paper_table(entries), "entries": entries}
+
+
+def format_paper_table(entries: list[dict[str, Any]]) -> str:
+    """Rows of (model, params, steps, FID, sFID, IS, Prec, Rec, img/s); an entry whose evaluation used a
+    paper row is followed by that row's own numbers."""
+    head = ["model", "params", "steps", "FID", "sFID", "IS", "Prec", "Rec", "img/s"]
+    scores = (("fid", ".2f"), ("sfid", ".2f"), ("is", ".1f"), ("precision", ".2f"), ("recall", ".2f"))
+    lines: list[list[str]] = []
+    for e in entries:
+        m = e["metrics"]
+        lines.append([e["model"], f"{e['params'] / 1e6:.1f}M" if e["params"] else "-", str(e["steps"]),
+                      *(_fmt(m.get(f"eval/{k}"), f) for k, f in scores), _fmt(e["images_per_s"], ".1f")])
+        proto = e.get("protocol")
         if proto:
             sc = proto["scores"]
-            changed = " *" if proto["changed"] else ""
-            lines.append([f"  paper {proto['model']}{changed}", proto["params"],
-                          str(proto["sample"].get("steps", "-")), _fmt(sc.get("fid"), ".2f"), "-",
-                          _fmt(sc.get("is"), ".1f"), _fmt(sc.get("precision"), ".2f"), _fmt(sc.get("recall"), ".2f"),
+            lines.append([f"  paper {proto['model']}" + (" *" if proto["changed"] else ""), proto["params"],
+                          str(proto["sample"].get("steps", "-")),
+                          *(_fmt(sc.get(k), f) if k != "sfid" else "-" for k, f in scores),
                           _fmt(sc.get("images_per_s"), ".1f")])
     widths = [max(len(x[i]) for x in [head, *lines]) for i in range(len(head))]
-    fmt = [lambda t, w: t.ljust(w)] + [lambda t, w: t.rjust(w)] * (len(head) - 1)
-    text = "\n".join("  ".join(f(c, w) for f, c, w in zip(fmt, row, widths)) for row in [head, *lines]) + "\n"
-    notes = []
+    text = "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     for row in [head, *lines]) + "\n"
     if any(row[0].endswith(" *") for row in lines):
-        notes.append("* evaluated with settings that differ from the paper's (see `raygen report RUN`)")
-    if any(row[0].startswith("  paper") for row in lines):
-        notes.append("paper img/s are the paper's hardware (see each row's throughput setup); raygen's are measured "
-                     "here, one batch on one worker")
-    return {"text": text + "".join(f"{n}\n" for n in notes), "rows": lines}
+        text += "* evaluated with settings that differ from the paper's (see `raygen report RUN`)\n"
+    if any(e.get("protocol") for e in entries):
+        text += ("paper img/s come from the paper's hardware (its row's throughput setup); raygen's are measured "
+                 "here, one batch on one worker\n")
+    return text
