@@ -135,6 +135,10 @@ class SampleConfig:
     temperature: float = option(1.0, min=0, help="sampling temperature (0 = greedy)")
     top_k: int = option(0, min=0, help="keep the k most likely tokens (0 = all)")
     top_p: float = option(1.0, min=0, max=1, help="nucleus sampling mass (1 = off)")
+    # YAML reads a bare on/off as true/false, so the booleans are accepted too (true = on, false = off)
+    graphs: Literal["auto", "on", "off", True, False] = option(
+        "auto", help="static-shape decode steps captured as CUDA graphs (ar, ctf stage 1, nar, arpg): auto = on for "
+        "CUDA devices, on (on a CPU: the static path, run eagerly), off = the dynamic path; same ids either way")
     labels: str = option("all", help="classes to draw: all, or a list/range such as 0-9 or 1,3,5")
     per_label: int = option(8, min=1, help="samples per class in a grid")
     seed: int = option(0, help="sampling seed")

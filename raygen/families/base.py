@@ -171,7 +171,15 @@ class Family:
 
     def generate(self, model: GenerativeModel, labels: torch.Tensor, sample: SampleConfig, generator: torch.Generator,
                  knobs: Any, **extra: Any) -> torch.Tensor:
-        """One generate() call with the common options and the knobs `check_knobs` returned."""
+        """One generate() call with the common options and the knobs `check_knobs` returned.
+
+        sample.graphs goes to samplers that take the execution options (`sampling_entry`'s) only.
+        """
+        from raygen.models.sampling import takes_execution_options
+
+        if takes_execution_options(model.generate):
+            graphs = {True: "on", False: "off"}.get(sample.graphs, sample.graphs)  # type: ignore[call-overload]
+            extra = {"graphs": graphs, **extra}
         return model.generate(labels, cfg_scale=sample.cfg_scale, steps=sample.steps, temperature=sample.temperature,
                               top_k=sample.top_k, top_p=sample.top_p, generator=generator,
                               **self.generate_kwargs(model, knobs), **extra)

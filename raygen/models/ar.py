@@ -13,12 +13,14 @@ doubled batch and feeds the sampled token to both.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
 
 from raygen.models.base import FamilySpec, GenerativeModel, ModelConfig, token_loss
-from raygen.models.layers import KVCache, LlamaGenMixin
+from raygen.models.graphs import decode_plan, step_runner
+from raygen.models.layers import KVCache, LlamaGenMixin, StaticCaches
 from raygen.models.sampling import SamplingOptions, both_halves, head_logits, sampling_entry, with_null_class
 
 # --- config and sizes -------------------------------------------------------------------
@@ -136,17 +138,58 @@ class ARModel(LlamaGenMixin, GenerativeModel):
             b = labels.shape[0]
             if opts.guided:
                 labels = with_null_class(labels, self.cls_embedding.null_id)  # (2B,)
-            caches = self._new_caches(labels.shape[0])
+            scale = opts.cfg_scale if opts.guided else None
+            static, capture = decode_plan(opts.graphs, self)
+            if static:
+                step = self._static_stepper(labels.shape[0], scale, capture=capture)
+            else:
+                caches = self._new_caches(labels.shape[0])
             out = torch.empty(b, n, dtype=torch.long, device=labels.device)
             h = self.cls_embedding(labels, train=False)  # (B2, 1, D): prefill the class token
             for i in range(n):
-                states = self._states(h, start_pos=i, caches=caches)[:, -1]  # (B2, D)
-                logits = head_logits(self.output, states, opts.cfg_scale if opts.guided else None)  # (B, V)
+                if static:
+                    logits = step(h, i)  # (B, V)
+                else:
+                    states = self._states(h, start_pos=i, caches=caches)[:, -1]  # (B2, D)
+                    logits = head_logits(self.output, states, scale)  # (B, V)
                 token = opts.sample(logits)  # (B,)
                 out[:, i] = token
                 if i + 1 < n:
                     h = self.tok_embeddings(both_halves(token[:, None], opts.guided))  # (B2, 1, D)
             return rearrange(out, "b (r c) -> b r c", r=c.grid_size)
+
+    # --- the static-shape decode step (raygen.models.graphs) ------------------------------------
+    def _static_stepper(self, batch_size: int, scale: float | None, *, capture: bool
+                        ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """step(h (B2, 1, D), i) -> logits (B, V) of position i, on fixed-shape `StaticCaches`.
+
+        One step function for all N positions: the position is a tensor, the cache is read whole
+        under the causal mask (which also hides every slot not yet written), so with `capture`
+        the step is one CUDA graph. The logits are the graph's output buffer: sample from them
+        before the next step.
+        """
+        c = self.config
+        dtype, device = self.activation_dtype(), self.device
+
+        def build() -> StaticCaches:
+            return StaticCaches(len(self.layers), batch_size, c.n_head, c.seq_len, c.head_dim,
+                                dtype=dtype, device=device)
+
+        caches, graphs = step_runner(self, capture=capture, key=("ar", batch_size, dtype, device), build=build)
+        caches.reset()
+
+        def fn(h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return head_logits(self.output, self._static_states(h, pos, caches)[:, -1], scale)
+
+        return lambda h, i: graphs(("ar", scale), fn, h, caches.slot_ids[i : i + 1])  # slot i = position i
+
+    def _static_states(self, h: torch.Tensor, pos: torch.Tensor, caches: StaticCaches) -> torch.Tensor:
+        """Embeddings (B, L, D) of positions pos (L,) int64 -> final normed states (B, L, D), static shapes."""
+        freqs = self.freqs_cis.index_select(0, pos)  # (L, K/2, 2)
+        mask = caches.visible(pos, caches.slot_ids[None, :] <= pos[:, None])  # (L, S): causal and written
+        for layer, cache in zip(self.layers, caches.layers):
+            h = layer(h, freqs, attn_mask=mask, kv_cache=cache, start_pos=pos)  # (B, L, D)
+        return self.norm(h)
 
     @torch.inference_mode()
     def logits_uncached(self, tokens: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
@@ -158,9 +201,16 @@ class ARModel(LlamaGenMixin, GenerativeModel):
         return self._logits(h)  # (B, 1 + n, V)
 
     @torch.inference_mode()
-    def logits_cached(self, tokens: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
-        """The sampler's path, teacher-forced: prefill + one cached pass per token -> (B, n + 1, V)."""
+    def logits_cached(self, tokens: torch.Tensor, *, labels: torch.Tensor, graphs: str = "off") -> torch.Tensor:
+        """The sampler's path, teacher-forced: prefill + one cached pass per token -> (B, n + 1, V).
+
+        graphs: the decode step's `graphs` mode ("off": the dynamic cache, else the static step).
+        """
         h = self._embed(tokens.long(), labels=labels.long(), train=False)  # (B, 1 + n, D)
+        static, capture = decode_plan(graphs, self)
+        if static:
+            step = self._static_stepper(h.shape[0], None, capture=capture)
+            return torch.stack([step(h[:, i : i + 1], i).clone() for i in range(h.shape[1])], dim=1)  # (B, 1 + n, V)
         caches = self._new_caches(h.shape[0])
         steps = [self._logits(h[:, i : i + 1], start_pos=i, caches=caches) for i in range(h.shape[1])]
         return torch.cat(steps, dim=1)  # (B, 1 + n, V)

@@ -24,6 +24,8 @@ V + C + 1, and one unused row (the official "none" token).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 
 import torch
@@ -33,11 +35,13 @@ from torch import nn
 
 from raygen.models.ar import ARConfig
 from raygen.models.base import FamilySpec, GenerativeModel, token_loss
+from raygen.models.graphs import decode_plan, step_runner
 from raygen.models.layers import (
     KVCache,
     LlamaGenMixin,
     PreNormBlock,
     RMSNorm,
+    StaticCaches,
     TransformerBlock,
     apply_rotary_emb,
     drop_labels,
@@ -209,22 +213,24 @@ class GuidedAttention(nn.Module):
         self.resid_dropout = nn.Dropout(resid_dropout)
 
     def forward(
-        self, x: torch.Tensor, freqs_cis: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
+        self, x: torch.Tensor, freqs_cis: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x (B, L, D) queries, RoPE'd at their TARGET positions; k, v (B, H, S, K) -> (B, L, D).
 
-        causal (training, L == S): query i sees keys <= i; otherwise every key.
+        causal (training, L == S): query i sees keys <= i; otherwise every key, or those where
+        attn_mask (boolean, broadcastable to (B, H, L, S)) is True.
         """
         q = apply_rotary_emb(rearrange(self.wq(x), "b l (h k) -> b l h k", k=self.head_dim), freqs_cis)
         q = rearrange(q, "b l h k -> b h l k")  # (B, H, L, K)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, L, K)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)  # (B, H, L, K)
         return self.resid_dropout(self.wo(rearrange(out, "b h l k -> b l (h k)")))
 
 
 class GuidedBlock(PreNormBlock):
     """Pre-norm guided-decoder block: x + xattn(norm(x), K, V), then h + ffn(norm(h)).
 
-    Called as block(x (B, L, D), freqs_cis, k, v, *, causal), the arguments of `GuidedAttention`.
+    Called as block(x (B, L, D), freqs_cis, k, v, *, causal, attn_mask), the arguments of `GuidedAttention`.
     """
 
     def __init__(self, dim: int, n_head: int, *, resid_dropout: float, ffn_dropout: float, norm_eps: float):
@@ -277,9 +283,12 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
         causal: bool = True,
         attn_mask: torch.Tensor | None = None,
         caches: list[KVCache] | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pass 1 over embeddings h (B, L, D) at positions freqs -> shared k, v (B, H, L, K)."""
+        """Pass 1 over embeddings h (B, L, D) at positions freqs -> shared k, v (B, H, L, K).
+
+        Static caches take start_pos as the slots (L,) int64 and need attn_mask (see StaticKVCache).
+        """
         for i, layer in enumerate(self.self_layers):
             cache = None if caches is None else caches[i]
             h = layer(h, freqs, attn_mask=attn_mask, causal=causal, kv_cache=cache, start_pos=start_pos)
@@ -289,13 +298,17 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
         v = rearrange(self.to_v(h), "b l (h k) -> b h l k", k=self.config.head_dim)
         return k, v  # (B, H, L, K) each
 
-    def _guided_states(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
-        """Pass 2: MASK queries at target positions freqs ((B|1), L, K/2, 2) -> final normed states (B, L, D)."""
+    def _guided_states(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool,
+                       attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pass 2: MASK queries at target positions freqs ((B|1), L, K/2, 2) -> final normed states (B, L, D).
+
+        attn_mask (boolean, broadcastable to (B, H, L, S)): the keys the queries see (None: all, or causal).
+        """
         # a module call, not a weight lookup, so ZeRO-3 gathers the partitioned table first
         mask = self.embeddings(torch.full((1, 1), self.mask_id, device=k.device))  # (1, 1, D)
         x = mask.expand(k.shape[0], freqs.shape[-3], -1)  # (B, L, D): the same query everywhere
         for layer in self.cross_layers:
-            x = layer(x, freqs, k, v, causal=causal)  # (B, L, D)
+            x = layer(x, freqs, k, v, causal=causal, attn_mask=attn_mask)  # (B, L, D)
         return self.norm(x)
 
     def _guided(self, k: torch.Tensor, v: torch.Tensor, freqs: torch.Tensor, *, causal: bool) -> torch.Tensor:
@@ -439,6 +452,11 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
             pos = both_halves(pos, guided)  # the null half uses the same orders
         b2, bo = cond.shape[0], pos.shape[0]
         dtype, device = self.activation_dtype(), labels.device
+        static, capture = decode_plan(opts.graphs, self)
+        if static:
+            self._static_decode(seq, cond, orders, prefix, sizes, opts, cfg_schedule, capture=capture)
+            raster = torch.empty_like(seq).scatter_(1, orders.expand(b, n), seq)  # un-permute
+            return rearrange(raster, "b (r c) -> b r c", r=c.grid_size)
         caches = [KVCache(b2, c.n_head, n, c.head_dim, dtype=dtype, device=device) for _ in self.self_layers]
         shared = KVCache(b2, c.n_head, n, c.head_dim, dtype=dtype, device=device)  # pass 2's keys/values
 
@@ -470,6 +488,95 @@ class ARPGModel(LlamaGenMixin, GenerativeModel):
             fed_freqs, attn_mask = q_freqs, None
         raster = torch.empty_like(seq).scatter_(1, orders.expand(b, n), seq)  # un-permute
         return rearrange(raster, "b (r c) -> b r c", r=c.grid_size)
+
+    # --- the static-shape decode step (raygen.models.graphs) ------------------------------------
+    def _static_decode(
+        self,
+        seq: torch.Tensor,
+        cond: torch.Tensor,
+        orders: torch.Tensor,
+        prefix: torch.Tensor | None,
+        sizes: list[int],
+        opts: SamplingOptions,
+        cfg_schedule: str,
+        *,
+        capture: bool,
+    ) -> None:
+        """`_decode`'s loop on static shapes, filling seq (B, N) in decoding order (its first K = the prefix).
+
+        Pass 1's caches and pass 2's shared keys/values are `StaticCaches` slots in feeding order,
+        read whole under the mask of the slots written so far; positions, slots and the CFG scale
+        are tensors, so every step with the same (fed, asked) sizes has the same shapes: with
+        `capture`, one CUDA graph per distinct pair. The draws stay outside, in `opts.sample`.
+        """
+        c = self.config
+        n = c.seq_len
+        known = 0 if prefix is None else prefix.shape[1]
+        guided, b2 = opts.guided, cond.shape[0]
+        dtype, device = self.activation_dtype(), cond.device
+        # RoPE rows of the targets: freqs_cis index 1 + raster position (the class token: row 0)
+        pos = 1 + orders  # (Bo, N)
+        if pos.shape[0] > 1:
+            pos = both_halves(pos, guided)  # the null half uses the same orders
+        bo = pos.shape[0]
+
+        def build() -> StaticCaches:  # pass 1's layers, then pass 2's shared keys/values (always n slots)
+            return StaticCaches(len(self.self_layers) + 1, b2, c.n_head, n, c.head_dim, dtype=dtype, device=device)
+
+        statics, graph_steps = step_runner(self, capture=capture, key=("arpg", b2, dtype, device), build=build)
+        statics.reset()
+        scales = None
+        if guided:
+            g = opts.cfg_scale
+            made = itertools.accumulate(sizes, initial=known)  # tokens made before each step, then after the last
+            ramp = [1.0 + (g - 1.0) * done / n if cfg_schedule == "linear" else g for done in list(made)[1:]]
+            scales = torch.tensor(ramp, dtype=torch.float32, device=device)  # (steps,): `_decode`'s scales
+
+        # step 0 feeds the class token (+ the known tokens, which see it; it sees only itself)
+        fed = cond[:, None]  # (B2, L)
+        fed_pos = torch.zeros(bo, 1, dtype=torch.long, device=device)  # (Bo, L)
+        allowed = None
+        if known:
+            fed = torch.cat([fed, both_halves(prefix, guided)], dim=1)
+            fed_pos = torch.cat([fed_pos, pos[:, :known]], dim=1)
+            allowed = statics.slot_ids[None, :] <= known  # (L, S): the class row sees only slot 0
+            allowed = allowed.expand(known + 1, -1).clone()
+            allowed[0, 1:] = False
+        start, done = 0, known
+        for s, n_pred in enumerate(sizes):
+            q_pos = pos[:, done : done + n_pred]  # (Bo, n_pred): the targets' RoPE rows
+            inputs = [fed, statics.slot_ids[start : start + fed.shape[1]], fed_pos, q_pos]
+            if scales is not None:
+                inputs.append(scales[s])
+            if allowed is not None:
+                inputs.append(allowed)
+            fn = functools.partial(self._static_step, statics=statics, guided=scales is not None,
+                                   structured=allowed is not None)
+            logits = graph_steps(("arpg", scales is not None, allowed is not None), fn, *inputs)  # (B, n_pred, V)
+            tokens = opts.sample(logits)  # (B, n_pred)
+            seq[:, done : done + n_pred] = tokens
+            start += fed.shape[1]
+            done += n_pred
+            fed = both_halves(tokens, guided)  # (B2, n_pred): both halves see the same tokens
+            fed_pos, allowed = q_pos, None
+
+    def _static_step(self, fed: torch.Tensor, slots: torch.Tensor, fed_pos: torch.Tensor, q_pos: torch.Tensor,
+                     *extra: torch.Tensor, statics: StaticCaches, guided: bool, structured: bool) -> torch.Tensor:
+        """One decoding step on static shapes -> guided logits (B, n_pred, V).
+
+        fed ids (B2, L) at cache slots (L,) and RoPE rows fed_pos (Bo, L); queries at RoPE rows
+        q_pos (Bo, n_pred); extra: the CFG scale (a 0-dim float32 tensor) when guided, then the
+        (L, S) mask of the fed rows when structured (else every fed row sees every written slot).
+        """
+        scale = extra[0] if guided else None
+        allowed = extra[-1] if structured else None
+        h = self.embeddings(fed)  # (B2, L, D)
+        mask = statics.visible(slots, allowed)  # (L | 1, S): written slots only
+        *caches, shared = statics.layers
+        k, v = self._context(h, self.freqs_cis[fed_pos], attn_mask=mask, caches=caches, start_pos=slots)
+        k, v = shared.update(slots, k, v)  # (B2, H, S, K): every slot, the unwritten ones masked below
+        states = self._guided_states(k, v, self.freqs_cis[q_pos], causal=False, attn_mask=statics.written[None])
+        return head_logits(self.output, states, scale)  # (B, n_pred, V)
 
     @sampling_entry
     def edit(

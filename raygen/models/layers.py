@@ -159,6 +159,79 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, H, S, K) views
 
 
+class StaticKVCache(KVCache):
+    """A KVCache of one fixed shape for captured decode steps: `update` takes the slots as a tensor.
+
+    Keys/values go to the slots (L,) int64 with index_copy_ and `update` returns the whole
+    (B, H, S_max, K) buffers, so every step has the same shapes whatever it writes; the caller
+    hides the slots a query may not see (unwritten ones included) with a boolean mask. Zero
+    initialised, so a slot that is never written holds finite values.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.k.zero_()
+        self.v.zero_()
+
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, K) at slots start_pos (L,) int64 (an int: from start_pos on); return all slots."""
+        if not isinstance(start_pos, torch.Tensor):
+            start_pos = torch.arange(start_pos, start_pos + k.shape[2], device=k.device)
+        self.k.index_copy_(2, start_pos, k)
+        self.v.index_copy_(2, start_pos, v)
+        return self.k, self.v  # (B, H, S_max, K)
+
+    def keep_batch(self, n: int) -> StaticKVCache:
+        """A cache over the first n samples, sharing this one's memory."""
+        view = object.__new__(StaticKVCache)
+        view.k, view.v, view.max_len = self.k[:n], self.v[:n], self.max_len
+        return view
+
+
+class StaticCaches:
+    """The static-shape decode state of a stack of attention layers: one StaticKVCache per layer and
+    `written`, the slots that hold keys of the current decode (every layer writes the same slots).
+
+    A decode calls `reset()` once (eagerly), then each step calls `visible(slots, allowed)` before
+    its layers write at `slots`: it marks them written and returns allowed & written, the boolean
+    attention mask (L, S_max) of the step. Every query must see at least one written slot (its
+    own, or the class token's), so no mask row is all False. `slot_ids` (S_max,) is
+    arange(S_max), for masks built from positions.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_head: int, max_len: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        kw = dict(dtype=dtype, device=device)
+        self.layers = [StaticKVCache(batch_size, n_head, max_len, head_dim, **kw) for _ in range(n_layers)]
+        self.written = torch.zeros(max_len, dtype=torch.bool, device=device)  # (S_max,)
+        self.slot_ids = torch.arange(max_len, device=device)  # (S_max,)
+        self.max_len = max_len
+
+    def reset(self) -> None:
+        """Start a decode: no slot is written, and all hold zeros.
+
+        The mask alone gives an unwritten slot weight exactly 0, but 0 * inf or 0 * NaN in the
+        weighted sum of values is NaN: zeroing keeps a previous decode's non-finite keys out.
+        """
+        self.written.zero_()
+        for cache in self.layers:
+            cache.k.zero_()
+            cache.v.zero_()
+
+    def visible(self, slots: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """Mark slots (L,) written; -> allowed & written, broadcastable to (L, S_max) (allowed None = all)."""
+        self.written.index_fill_(0, slots, True)
+        return self.written[None] if allowed is None else allowed & self.written  # (1 | L, S_max)
+
+    def keep_batch(self, n: int) -> StaticCaches:
+        """The same state over the first n samples (views; `written` is shared)."""
+        view = object.__new__(StaticCaches)
+        view.layers = [cache.keep_batch(n) for cache in self.layers]
+        view.written, view.slot_ids, view.max_len = self.written, self.slot_ids, self.max_len
+        return view
+
+
 class Attention(nn.Module):
     """Multi-head self-attention: fused bias-free qkv, RoPE on q and k, SDPA, resid dropout."""
 
@@ -180,14 +253,15 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         causal: bool = True,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """x (B, L, D) -> (B, L, D).
 
         attn_mask: boolean, True = attend, broadcastable to (B, H, L, S); overrides `causal`.
         causal: without a mask, query i sees keys <= its own position (else all keys).
         kv_cache/start_pos: x holds positions [start_pos, start_pos + L); keys/values of the
-        earlier positions come from the cache.
+        earlier positions come from the cache. A StaticKVCache takes start_pos as the slots (L,)
+        int64 and returns all its slots: pass the mask that hides the ones not to be seen.
         """
         qk, v = self.wqkv(x).split([2 * self.n_head * self.head_dim, self.n_head * self.head_dim], dim=-1)
         # q and k are rotated together: 2H heads, the first H of them q's
@@ -195,7 +269,7 @@ class Attention(nn.Module):
         q, k = rearrange(qk, "b l (two h) k -> two b h l k", two=2)  # (B, H, L, K) each
         v = rearrange(v, "b l (h k) -> b h l k", k=self.head_dim)  # (B, H, L, K)
         if kv_cache is not None:
-            k, v = kv_cache.update(start_pos, k, v)  # (B, H, S, K), S = start_pos + L
+            k, v = kv_cache.update(start_pos, k, v)  # (B, H, S, K), S = start_pos + L (static: S_max)
         n_q, n_k = q.shape[2], k.shape[2]
         is_causal = False
         if attn_mask is None and causal and n_q > 1:

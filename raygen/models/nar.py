@@ -21,6 +21,7 @@ Module names follow the official NAR code (`layers.{n_layer}` is the vertical he
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +31,8 @@ from torch import nn
 
 from raygen.models.ar import ARConfig
 from raygen.models.base import FamilySpec, GenerativeModel, token_loss
-from raygen.models.layers import KVCache, LlamaGenMixin, RMSNorm, TransformerBlock
+from raygen.models.graphs import StepGraphs, decode_plan, step_runner
+from raygen.models.layers import KVCache, LlamaGenMixin, RMSNorm, StaticCaches, StaticKVCache, TransformerBlock
 from raygen.models.sampling import SamplingOptions, both_halves, head_logits, sampling_entry, with_null_class
 
 # --- the proximity mask and the decoding schedule -------------------------------------------
@@ -183,13 +185,14 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         *,
         freqs: torch.Tensor,
         mask: torch.Tensor,
-        caches: list[ScatterKVCache] | None = None,
-        slots: Slots | None = None,
+        caches: list[ScatterKVCache] | list[StaticKVCache] | None = None,
+        slots: Slots | torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings (B, L, D) -> the normed states (B, L, D) the R and B heads read.
 
         freqs (L, K/2, 2) and mask (L, S) rows belong to the L positions; with caches, the
-        keys/values go to `slots` and the mask's S columns are cache slots [0, slots.end).
+        keys/values go to `slots` and the mask's S columns are cache slots [0, slots.end)
+        (static caches: slots (L,) int64 and all S_max slots).
         """
         for i, layer in enumerate(self.layers):
             cache = None if caches is None else caches[i]
@@ -229,21 +232,33 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         cfg_scale: float,
         cfg_interval: int,
         pick: Callable[[torch.Tensor, list[int]], torch.Tensor],
+        graphs: str = "off",
     ) -> torch.Tensor:
-        """The 2g - 1 cached passes; pick(logits (B, L, V), made raster ids) -> ids (B, L)."""
+        """The 2g - 1 cached passes; pick(logits (B, L, V), made raster ids) -> ids (B, L).
+
+        graphs: the `graphs` sampling option (static passes, captured on CUDA); the logits pick
+        sees are then a graph's output buffer, overwritten by a later pass.
+        """
         c = self.config
         guided = cfg_scale != 1.0
         b = labels.shape[0]
         if guided:
             labels = with_null_class(labels, self.cls_embedding.null_id)  # (2B,)
-        caches = self._new_caches(labels.shape[0])
+        static, capture = decode_plan(graphs, self)
+        if static:
+            statics, graph_steps = self._static_state(labels.shape[0], capture=capture)
+        else:
+            caches = self._new_caches(labels.shape[0])
         out = torch.zeros(b, c.seq_len, dtype=torch.long, device=labels.device)  # (B, N) raster
         made_so_far, passes = 0, 0
         for k, (fed, made) in enumerate(decode_schedule(c.grid_size)):
             if guided and cfg_interval > -1 and made_so_far > cfg_interval:  # guidance off from here on
                 guided = False
-                for cache in caches:
-                    cache.keep_batch(b)
+                if static:
+                    statics = statics.keep_batch(b)
+                else:
+                    for cache in caches:
+                        cache.keep_batch(b)
             if k == 0:
                 h = self.cls_embedding(labels, train=False)  # (B2, 1, D)
                 index = torch.zeros(1, dtype=torch.long, device=out.device)
@@ -252,22 +267,58 @@ class NARModel(LlamaGenMixin, GenerativeModel):
                 ids = out.index_select(1, index)  # (B, L)
                 h = self.tok_embeddings(both_halves(ids, guided))  # (B2, L, D)
                 index = index + 1  # cache slots
-            slots = Slots(index, end=max(fed, default=-1) + 2)
-            freqs = self.freqs_cis.index_select(0, index)  # (L, K/2, 2)
-            mask = self.attn_mask.index_select(0, index)[:, : slots.end]  # (L, S)
-            states_r, states_b = self._states(h, freqs=freqs, mask=mask, caches=caches, slots=slots)
-            passes += 1
             scale = cfg_scale if guided else None  # both heads are linear: guided before the mix below
-            logits_r = head_logits(self.output, states_r, scale)  # (B, L, V)
-            logits_b = head_logits(self.medusa_output, states_b, scale)
-            if k == 0:
-                logits = (logits_r + logits_b) / 2  # (B, 1, V)
+            growing = k < c.grid_size
+            passes += 1
+            if static:  # the key holds everything the pass depends on besides its tensors
+                fn = functools.partial(self._static_pass, statics=statics, first=k == 0, growing=growing, scale=scale)
+                logits = graph_steps(("nar", k == 0, growing, scale), fn, h, index)  # (B, L', V)
             else:
-                logits = _diagonal_logits(logits_r, logits_b, growing=k < c.grid_size)  # (B, L', V)
+                slots = Slots(index, end=max(fed, default=-1) + 2)
+                freqs = self.freqs_cis.index_select(0, index)  # (L, K/2, 2)
+                mask = self.attn_mask.index_select(0, index)[:, : slots.end]  # (L, S)
+                states_r, states_b = self._states(h, freqs=freqs, mask=mask, caches=caches, slots=slots)
+                logits = self._pass_logits(states_r, states_b, first=k == 0, growing=growing, scale=scale)
             out[:, made] = pick(logits, made)  # (B, L')
             made_so_far += len(made)
         self.last_forward_passes = passes
         return out
+
+    def _pass_logits(self, states_r: torch.Tensor, states_b: torch.Tensor, *, first: bool, growing: bool,
+                     scale: float | None) -> torch.Tensor:
+        """Normed states (B2, L, D) of a fed diagonal -> guided logits (B, L', V) of the next one."""
+        logits_r = head_logits(self.output, states_r, scale)  # (B, L, V)
+        logits_b = head_logits(self.medusa_output, states_b, scale)
+        if first:
+            return (logits_r + logits_b) / 2  # (B, 1, V)
+        return _diagonal_logits(logits_r, logits_b, growing=growing)  # (B, L', V)
+
+    # --- the static-shape decode pass (raygen.models.graphs) ------------------------------------
+    def _static_state(self, batch_size: int, *, capture: bool) -> tuple[StaticCaches, StepGraphs]:
+        """Fixed-shape caches over the N + 1 slots (reset) and the StepGraphs of the passes."""
+        c = self.config
+        dtype, device = self.activation_dtype(), self.device
+
+        def build() -> StaticCaches:
+            return StaticCaches(len(self.layers), batch_size, c.n_head, c.seq_len + 1, c.head_dim,
+                                dtype=dtype, device=device)
+
+        statics, graph_steps = step_runner(self, capture=capture, key=("nar", batch_size, dtype, device), build=build)
+        statics.reset()
+        return statics, graph_steps
+
+    def _static_pass(self, h: torch.Tensor, slots: torch.Tensor, statics: StaticCaches, *, first: bool,
+                     growing: bool, scale: float | None) -> torch.Tensor:
+        """One decoding pass on static shapes: embeddings (B2, L, D) at cache slots (L,) -> logits (B, L', V).
+
+        Every pass with the same L (and the same first/growing/scale) has the same shapes: the
+        cache is read whole, under the proximity rows of the slots, which also hide every slot
+        not yet written (a diagonal sees only earlier diagonals and itself).
+        """
+        freqs = self.freqs_cis.index_select(0, slots)  # (L, K/2, 2)
+        mask = statics.visible(slots, self.attn_mask.index_select(0, slots))  # (L, N + 1)
+        states_r, states_b = self._states(h, freqs=freqs, mask=mask, caches=statics.layers, slots=slots)
+        return self._pass_logits(states_r, states_b, first=first, growing=growing, scale=scale)
 
     @sampling_entry
     def generate(self, labels: torch.Tensor, opts: SamplingOptions, *, cfg_interval: int = -1) -> torch.Tensor:
@@ -288,7 +339,8 @@ class NARModel(LlamaGenMixin, GenerativeModel):
         with self.evaluating():
             labels = self.check_labels(labels)  # (B,)
             out = self._decode(
-                labels, cfg_scale=opts.cfg_scale, cfg_interval=cfg_interval, pick=lambda logits, made: opts.sample(logits)
+                labels, cfg_scale=opts.cfg_scale, cfg_interval=cfg_interval, graphs=opts.graphs,
+                pick=lambda logits, made: opts.sample(logits),
             )  # (B, N)
             return rearrange(out, "b (r c) -> b r c", r=c.grid_size)
 
@@ -304,9 +356,13 @@ class NARModel(LlamaGenMixin, GenerativeModel):
 
     @torch.inference_mode()
     def logits_cached(
-        self, tokens: torch.Tensor, *, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1
+        self, tokens: torch.Tensor, *, labels: torch.Tensor, cfg_scale: float = 1.0, cfg_interval: int = -1,
+        graphs: str = "off",
     ) -> torch.Tensor:
-        """The sampler's path teacher-forced on tokens (B, N): guided logits scoring each x (B, N, V)."""
+        """The sampler's path teacher-forced on tokens (B, N): guided logits scoring each x (B, N, V).
+
+        graphs: the passes' `graphs` mode ("off": the dynamic cache, else the static passes).
+        """
         tokens = self.check_tokens(tokens)  # (B, N)
         out = torch.empty(*tokens.shape, self.config.vocab_size, device=tokens.device)  # (B, N, V)
 
@@ -315,7 +371,7 @@ class NARModel(LlamaGenMixin, GenerativeModel):
             return tokens[:, made]
 
         with self.evaluating():
-            self._decode(labels.long(), cfg_scale=cfg_scale, cfg_interval=cfg_interval, pick=pick)
+            self._decode(labels.long(), cfg_scale=cfg_scale, cfg_interval=cfg_interval, pick=pick, graphs=graphs)
         return out
 
 

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 import torch
 from einops import pack, repeat, unpack
 
+from raygen.models.graphs import check_graphs_mode
+
 # --- the options every family's generate() takes ------------------------------------------
 
 
@@ -36,9 +38,14 @@ class SamplingOptions:
     top_k: int = 0  # keep the k most likely ids; 0 = off
     top_p: float = 1.0  # keep the smallest nucleus of this mass; 1 = off
     generator: torch.Generator | None = None  # every random draw; on the model's device
+    # how, not what: the static-shape decode step, as CUDA graphs on a GPU (raygen.models.graphs);
+    # "auto": on for CUDA devices, "on": also eagerly on a CPU, "off": the dynamic path. Not in the
+    # samplers' signatures (see EXECUTION_OPTIONS); families without a static path ignore it.
+    graphs: str = "auto"
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p)
+        check_graphs_mode(self.graphs)
 
     @property
     def guided(self) -> bool:
@@ -56,7 +63,10 @@ class SamplingOptions:
         )
 
 
-SAMPLING_KNOBS = tuple(f.name for f in dataclasses.fields(SamplingOptions))
+# Fields that choose how a sampler computes, never what it returns: every `sampling_entry`
+# accepts them as keywords, but its signature (the model contract the platform reads) leaves them out.
+EXECUTION_OPTIONS = ("graphs",)
+SAMPLING_KNOBS = tuple(f.name for f in dataclasses.fields(SamplingOptions) if f.name not in EXECUTION_OPTIONS)
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
@@ -75,16 +85,24 @@ def sampling_entry(fn: _Fn) -> _Fn:
     common = [
         inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
         for f in dataclasses.fields(SamplingOptions)
+        if f.name not in EXECUTION_OPTIONS
     ]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        opts = SamplingOptions(**{k: kwargs.pop(k) for k in SAMPLING_KNOBS if k in kwargs})
+        names = SAMPLING_KNOBS + EXECUTION_OPTIONS
+        opts = SamplingOptions(**{k: kwargs.pop(k) for k in names if k in kwargs})
         with torch.inference_mode():
             return fn(*args, opts=opts, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=[*positional, *common, *knobs])  # type: ignore[attr-defined]
+    wrapper.execution_options = EXECUTION_OPTIONS  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def takes_execution_options(method: Callable[..., Any]) -> bool:
+    """Whether a sampler accepts EXECUTION_OPTIONS (a `sampling_entry`; a plain generate() may not)."""
+    return getattr(method, "execution_options", None) == EXECUTION_OPTIONS
 
 
 # --- classifier-free guidance ---------------------------------------------------------------
