@@ -7,6 +7,9 @@
 Modes (compared in one run, same model, same global batch):
 - `torch`: a plain loop (AdamW, clipping; bf16 autocast when --precision bf16), one process.
 - `deepspeed`: raygen's DeepSpeedEngine in one process (world size 1; NCCL on GPU, gloo on CPU).
+- `ddp` (CPU): the same data-parallel work without the platform: `--workers` processes of plain
+  torch with DistributedDataParallel over gloo, the threads and the global batch split between them;
+  `ds-ddp`: the same processes driving raygen's DeepSpeedEngine (ZeRO-0) instead: no Ray.
 - `ray`: `raygen train` itself: Ray Data streaming the tokenized digits (at another --vocab,
   --grid or --classes: a synthetic data set of seeded random ids) into `--workers` Ray Train
   workers driving DeepSpeed; step time and data_wait_frac come from the run's MLflow metrics
@@ -114,6 +117,82 @@ def bench_deepspeed(args, device) -> dict:
     return {**_time_steps(args, device, step), "zero_stage": stage}
 
 
+def _ddp_worker(rank: int, args, threads: int, port: int, results, engine: str) -> None:
+    """One rank of the `ddp` / `ds-ddp` modes: torch DistributedDataParallel, or raygen's DeepSpeedEngine
+    (ZeRO-0), over gloo, each with plain in-memory batches: no Ray."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    sys.stdout = sys.stderr  # the libraries' prints: stdout stays the parent's JSON
+    torch.set_num_threads(threads)
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+           "WORLD_SIZE": str(args.workers), "DS_ACCELERATOR": "cpu"}
+    os.environ.update(env)
+    local = argparse.Namespace(**{**vars(args), "batch": args.batch // args.workers})
+    model = _model(args, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-4, betas=(0.9, 0.95))
+    if engine == "ddp":
+        dist.init_process_group("gloo", rank=rank, world_size=args.workers)
+        ddp = DistributedDataParallel(model)
+
+        def step(batch, gen):
+            ddp(batch, generator=gen)["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        import deepspeed
+
+        from raygen.platform.train.engine import DeepSpeedEngine, build_ds_config
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        ds = build_ds_config(global_batch=args.batch, micro_batch=None, world=args.workers, stage=0, bf16=False,
+                             grad_clip=1.0)
+        eng = DeepSpeedEngine(model, opt, ds)
+
+        def step(batch, gen):
+            eng.backward(eng(batch, generator=gen)["loss"])
+            eng.step()
+    try:
+        g = torch.Generator().manual_seed(rank)
+        batches = [_batch(local, torch.device("cpu"), g) for _ in range(4)]
+        gen = torch.Generator().manual_seed(rank)
+        times = []
+        for i in range(args.warmup + args.steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step(batches[i % 4], gen)
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        if rank == 0:
+            results.put(times)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_ddp(args, engine: str = "ddp") -> dict:
+    """`--workers` processes x (torch threads / workers) threads, the global batch split: the data-parallel
+    work of the ray mode without Ray Train, Ray Data or DeepSpeed (CPU only)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    threads = max(1, (args.threads or torch.get_num_threads()) // args.workers)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, args, threads, port, results, engine))
+             for r in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    times = results.get()
+    for proc in procs:
+        proc.join()
+    return {**_summary(times, args.batch, torch.device("cpu")), "workers": args.workers, "threads_per_worker": threads}
+
+
 def synthetic_dataset(out: Path, args, rows: int) -> Path:
     """A tokenized data set of seeded random ids at the bench's vocabulary and grid (what the
     step costs does not depend on the values), written as `raygen tokenize` writes one."""
@@ -214,16 +293,28 @@ def main() -> None:
            "vocab": args.vocab, "global_batch": args.batch, "precision": args.precision, "device": str(device),
            "torch_threads": torch.get_num_threads()}
     del model
-    if "torch" in modes:
-        out["torch"] = bench_torch(args, device)
-    if "deepspeed" in modes:
-        out["deepspeed"] = bench_deepspeed(args, device)
-    if "ray" in modes:
-        out["ray_deepspeed"] = bench_ray(args)
-    for mode in ("deepspeed", "ray_deepspeed"):
+    stdout, sys.stdout = sys.stdout, sys.stderr  # the libraries' prints (also late ones from Ray workers)
+    try:
+        if "torch" in modes:
+            out["torch"] = bench_torch(args, device)
+        if "ddp" in modes:
+            out["ddp"] = bench_ddp(args)
+        if "ds-ddp" in modes:
+            out["ds_ddp"] = bench_ddp(args, "deepspeed")
+        if "deepspeed" in modes:
+            out["deepspeed"] = bench_deepspeed(args, device)
+        if "ray" in modes:
+            out["ray_deepspeed"] = bench_ray(args)
+    finally:  # late library lines (Ray's log forwarding at exit) keep going to stderr
+        sys.stdout.flush()
+    for mode in ("ddp", "ds_ddp", "deepspeed", "ray_deepspeed"):
         if mode in out and "torch" in out:
             out[f"{mode}_over_torch_step_time"] = out[mode]["step_s"] / out["torch"]["step_s"]
-    print(json.dumps(out, indent=1))
+    for mode in ("ds_ddp", "ray_deepspeed"):
+        if "ddp" in out and mode in out:
+            out[f"{mode}_over_ddp_step_time"] = out[mode]["step_s"] / out["ddp"]["step_s"]
+    stdout.write(json.dumps(out, indent=1) + "\n")
+    stdout.flush()
 
 
 if __name__ == "__main__":
