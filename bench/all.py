@@ -7,13 +7,15 @@ official checkouts, raygen against the papers' own samplers and training steps.
         --official-arpg-site /tmp/official_arpg/site --official-nar /tmp/official_nar
     python bench/all.py --parts train --train-shape width512   # the width-512 / 12-layer / 256-token shape
 
-It runs bench/sampling.py, bench/train_step.py and bench/official.py as subprocesses (each in a
-process of its own, one after the other, so no two parts share the machine) and merges their
-JSON under "sampling", "train" and "official"; "ratios" collects the numbers a change is judged
-by, all measured in this one run:
+It runs bench/sampling.py, bench/train_step.py, bench/decode_graphs.py and bench/official.py as
+subprocesses (each in a process of its own, one after the other, so no two parts share the
+machine) and merges their JSON under "sampling", "train", "graphs" and "official"; "ratios"
+collects the numbers a change is judged by, all measured in this one run:
 
 - sampling: images/s per family and each family's speed-up over `ar` at the same shape;
 - train: DeepSpeed / torch and Ray Train + DeepSpeed / torch step time (1.0 = no platform cost);
+- graphs: decode time with the static step (captured as CUDA graphs on a GPU) over the dynamic
+  one per family, and on a GPU the GPU-busy fraction of each;
 - official: raygen's speed-up over the official sampler and training step per family.
 
 Defaults follow the device: on a GPU the sampling batch is 64 and the train shape is width 512;
@@ -65,9 +67,17 @@ def ratios(result: dict) -> dict:
         if "speedup_over_ar" in s:
             r["sampling_speedup_over_ar"] = s["speedup_over_ar"]
     t = result.get("train", {})
-    for key in ("deepspeed_over_torch_step_time", "ray_deepspeed_over_torch_step_time"):
+    for key in ("deepspeed_over_torch_step_time", "ray_deepspeed_over_torch_step_time", "ddp_over_torch_step_time",
+                "ray_deepspeed_over_ddp_step_time"):
         if key in t:
             r[f"train_{key}"] = t[key]
+    g = result.get("graphs", {})
+    for fam, v in g.get("families", {}).items():
+        if "on_over_off" in v:
+            r.setdefault("decode_graphs_on_over_off_time", {})[fam] = v["on_over_off"]
+            if "profile" in v and "error" not in v["profile"].get("on", {}):
+                r.setdefault("decode_gpu_busy_fraction", {})[fam] = {m: v["profile"][m].get("gpu_busy_fraction")
+                                                                     for m in ("off", "on")}
     o = result.get("official", {})
     for fam, v in o.get("families", {}).items():
         for what in ("sample", "train"):
@@ -78,7 +88,7 @@ def ratios(result: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="sampling,train,official", help="which parts to run")
+    p.add_argument("--parts", default="sampling,train,graphs,official", help="which parts to run")
     p.add_argument("--families", default="ar,arpg,nar,ctf,emigm,d2it", help="sampling families")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every part (0 = default)")
     p.add_argument("--train-shape", choices=["digits", "width512"], default=None,
@@ -86,6 +96,7 @@ def main() -> None:
     p.add_argument("--sampling-args", default="", help="extra arguments for bench/sampling.py")
     p.add_argument("--train-args", default="", help="extra arguments for bench/train_step.py")
     p.add_argument("--official-args", default="", help="extra arguments for bench/official.py")
+    p.add_argument("--graphs-args", default="", help="extra arguments for bench/decode_graphs.py")
     p.add_argument("--official-llamagen", help="a LlamaGen checkout (official ar)")
     p.add_argument("--official-arpg", help="an ARPG checkout")
     p.add_argument("--official-arpg-site", help="where `transformers` is installed for ARPG")
@@ -102,8 +113,12 @@ def main() -> None:
                                                    *shlex.split(args.sampling_args)])
     if "train" in parts:
         shape = WIDTH512 if (args.train_shape or ("width512" if gpu else "digits")) == "width512" else []
-        out["train"] = run_part("train_step.py", ["--modes", "torch,deepspeed,ray", *shape, *threads,
+        modes = "torch,deepspeed,ray" if gpu else "torch,ddp,deepspeed,ray"  # ddp: the same processes, no Ray
+        out["train"] = run_part("train_step.py", ["--modes", modes, *shape, *threads,
                                                   *shlex.split(args.train_args)])
+    if "graphs" in parts:  # the static decode step: captured on a GPU, eager on a CPU
+        shape = ["--batch", "64"] if gpu else ["--width", "256", "--layers", "4", "--batch", "8", "--rounds", "2"]
+        out["graphs"] = run_part("decode_graphs.py", [*shape, *threads, *shlex.split(args.graphs_args)])
     official = {"--llamagen": args.official_llamagen, "--arpg": args.official_arpg, "--nar": args.official_nar}
     if "official" in parts and any(official.values()):
         fams = [f for f, d in (("ar", args.official_llamagen), ("arpg", args.official_arpg),
