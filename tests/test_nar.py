@@ -179,12 +179,15 @@ def test_loss_scores_each_target_against_its_neighbours():
     s = 12.0
     r, b = _planted_heads(tokens, G, N, s)
 
+    # the heads' logits, planted: the backbone returns them as its states and the heads pass them on
+    model.output, model.medusa_output = torch.nn.Identity(), torch.nn.Identity()
+
     def run(heads):
-        model._heads = lambda h, **kw: heads  # the backbone's outputs, replaced by planted ones
+        model._states = lambda h, **kw: heads
         try:
             return model(batch)
         finally:
-            del model._heads
+            del model._states
 
     aligned = run((r, b))
     assert aligned["acc"].item() == 1.0
@@ -392,3 +395,35 @@ def test_generate_on_a_one_token_grid_and_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model.generate(torch.tensor([1, 2]), cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 3, 3) and out.dtype == torch.int64
+
+
+@pytest.mark.parametrize("grid", [2, 3, 5])
+def test_neighbour_sources_gather_what_neighbour_logits_assembles(grid):
+    from raygen.models.nar import neighbour_sources
+
+    g = torch.Generator().manual_seed(grid)
+    r, b = torch.randn(2, grid * grid + 1, 7, generator=g), torch.randn(2, grid * grid + 1, 7, generator=g)
+    src_r, src_b, w_r, w_b = neighbour_sources(grid)
+    gathered = w_r[:, None] * r[:, src_r] + w_b[:, None] * b[:, src_b]
+    assert torch.equal(gathered, neighbour_logits(r, b, grid))  # bit for bit
+
+
+def test_the_training_loss_and_gradients_equal_the_assembled_logits_path():
+    from raygen.models.base import token_loss
+
+    torch.manual_seed(0)
+    model = build_model("nar", "debug", vocab_size=32, num_classes=4, grid_size=4, dim=32, n_layer=2, n_head=2,
+                        class_dropout=0.0)
+    model.eval()  # no dropout: both paths see the same network
+    batch = {"tokens": torch.randint(0, 32, (3, 16)), "label": torch.tensor([0, 1, 3])}
+    loss = model(batch)["loss"]
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    h = model._embed(batch["tokens"], labels=batch["label"], train=False)
+    r, b = model._heads(h, freqs=model.freqs_cis, mask=model.attn_mask)
+    ref = token_loss(neighbour_logits(r, b, 4), batch["tokens"])["loss"]
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    for g1, g2 in zip(grads, ref_grads):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
