@@ -337,8 +337,15 @@ class Reference:
     path: str | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     kind: str = "raygen"
-    sha256: str | None = None  # of the file, once saved or loaded
     n_images: int | None = None  # how many real images the file holds (ADM's arr_0); None: none
+    _sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def sha256(self) -> str | None:
+        """Of the file, once saved or loaded; hashed on first use (a 2 GB ADM batch takes seconds)."""
+        if self._sha256 is None and self.path is not None:
+            self._sha256 = sha256_file(self.path)
+        return self._sha256
 
     @property
     def resolution(self) -> str | None:
@@ -394,8 +401,7 @@ class Reference:
         with open(tmp, "wb") as f:  # a file object: numpy adds no ".npz" to the name
             np.savez(f, **arrays)
         os.replace(tmp, path)
-        self.path = str(path)
-        self.sha256 = sha256_file(path)
+        self.path, self._sha256 = str(path), None
         return path
 
     @classmethod
@@ -418,7 +424,6 @@ class Reference:
             have = ", ".join(sorted(headers)) or "no arrays"
             raise UserError(f"'{path}' is neither a raygen reference (an .npz with a 'meta' entry) nor an ADM "
                             f"evaluator reference batch (mu, sigma, mu_s, sigma_s, arr_0); it holds: {have}")
-        ref.sha256 = sha256_file(path)
         return ref
 
     @classmethod
